@@ -1,0 +1,11 @@
+"""Flax towers with Hugging Face parameter names, and the dual encoder built from them."""
+
+from valign_jax.models.bert import BertConfig, BertTower
+from valign_jax.models.clip_text import CLIPTextConfig, CLIPTextTower
+from valign_jax.models.vit import ViTConfig, ViTTower, CLIPVisionConfig, CLIPVisionTower
+from valign_jax.models.dual_encoder import DualEncoder
+
+__all__ = [
+    "BertConfig", "BertTower", "CLIPTextConfig", "CLIPTextTower", "ViTConfig", "ViTTower",
+    "CLIPVisionConfig", "CLIPVisionTower", "DualEncoder",
+]
