@@ -1,0 +1,288 @@
+"""Hugging Face checkpoints in and out, without transformers' model classes.
+
+    tower, params = hf.load_tower("google/vit-base-patch16-224")       # or a local directory
+    tower, params = hf.load_tower("openai/clip-vit-base-patch32", part="text")
+    model, params = hf.load_dual_encoder("openai/clip-vit-base-patch32")
+    hf.save_tower(tower, params, "out/")                                # loads in transformers
+
+Reads `config.json` and the weights from `model.safetensors` (PyTorch layout, or sharded with
+`model.safetensors.index.json`) or `flax_model.msgpack` (Flax layout). PyTorch layout is converted
+by the expected parameter tree: linear kernels are transposed, conv kernels go OIHW -> HWIO,
+LayerNorm `weight` -> `scale`, embedding `weight` -> `embedding`. Pickled `pytorch_model.bin` is
+never opened (unpickling can run code). Hub ids go through huggingface_hub's cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import serialization, traverse_util
+
+from valign_jax.models import (BertConfig, CLIPTextConfig, CLIPVisionConfig, DualEncoder,
+                               ViTConfig)
+from valign_jax.models.config import TowerConfig
+from valign_jax.models.registry import (abstract_params, dummy_inputs, scanned_layer_paths,
+                                        stack_layers, tower_for, unstack_layers)
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS, SAFETENSORS_INDEX, MSGPACK = ("model.safetensors", "model.safetensors.index.json",
+                                           "flax_model.msgpack")
+PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.txt", "*.model"]
+
+# model_type -> (config class, where its weights sit inside the checkpoint's tree, HF class name)
+TOWER_TYPES = {
+    "bert": (BertConfig, ("", "bert"), "BertModel"),
+    "vit": (ViTConfig, ("", "vit"), "ViTModel"),
+    "clip_text_model": (CLIPTextConfig, ("text_model",), "CLIPTextModel"),
+    "clip_vision_model": (CLIPVisionConfig, ("vision_model",), "CLIPVisionModel"),
+}
+CLIP_PARTS = {"text": "clip_text_model", "vision": "clip_vision_model"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating and reading a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+def resolve(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local checkpoint directory, fetching a hub id into huggingface_hub's cache if needed."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_hub_id)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"{name!r} is not a checkpoint directory (expected a folder with "
+                                f"config.json and {SAFETENSORS} or {MSGPACK})")
+    from huggingface_hub import snapshot_download  # only hub ids need it
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except Exception as err:  # offline, unknown id, gated repo: all end the same way for the user
+        raise FileNotFoundError(
+            f"could not get hub id {name!r} ({type(err).__name__}: {str(err)[:200]}). Pass a local "
+            f"directory holding config.json and {SAFETENSORS} or {MSGPACK} instead, or run where "
+            "the hub is reachable once so the cache has it (then HF_HUB_OFFLINE=1 works).") from err
+
+
+def read_config(directory: Path) -> dict:
+    file = directory / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: every checkpoint directory needs its config.json")
+    with open(file) as f:
+        return json.load(f)
+
+
+def read_weights(directory: Path) -> tuple[dict[str, np.ndarray], str, Path]:
+    """Flat weights {dotted key: array}, their layout ("pytorch" or "flax") and the file read."""
+    if (directory / SAFETENSORS).is_file() or (directory / SAFETENSORS_INDEX).is_file():
+        from safetensors.numpy import load_file
+        if (directory / SAFETENSORS).is_file():
+            files = [directory / SAFETENSORS]
+        else:
+            with open(directory / SAFETENSORS_INDEX) as f:
+                files = [directory / n for n in sorted(set(json.load(f)["weight_map"].values()))]
+        flat = {}
+        for file in files:
+            flat.update(load_file(file))
+        # transformers' Flax classes can write safetensors too, keeping Flax names.
+        flax_names = any(k.endswith((".kernel", ".scale", ".embedding")) for k in flat)
+        return flat, "flax" if flax_names else "pytorch", files[0]
+    if (directory / MSGPACK).is_file():
+        with open(directory / MSGPACK, "rb") as f:
+            tree = serialization.msgpack_restore(f.read())
+        flat = {".".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+        return flat, "flax", directory / MSGPACK
+    pickles = [p for p in PICKLES if (directory / p).exists()]
+    if pickles:
+        raise ValueError(
+            f"{directory / pickles[0]} is a pickle, which valign_jax never loads (unpickling can run "
+            "arbitrary code). Convert it once to safetensors where you trust the file, e.g.\n  "
+            f"python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{directory}')"
+            f".save_pretrained('{directory}', safe_serialization=True)\"")
+    raise FileNotFoundError(f"{directory} has no weights: expected {SAFETENSORS}, "
+                            f"{SAFETENSORS_INDEX} or {MSGPACK}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Converting between a checkpoint's flat keys and our parameter tree
+# ---------------------------------------------------------------------------------------------
+
+_PT_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+_PT_ALIASES = {"weight": ("gamma",), "bias": ("beta",)}  # old TF-converted LayerNorm names
+
+
+def _to_pytorch(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel":
+        return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T  # HWIO->OIHW, (in,out)->(out,in)
+    return value
+
+
+def _from_pytorch(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel":
+        return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+    return value
+
+
+def checkpoint_key(path: tuple[str, ...], layout: str, prefix: str = "") -> str:
+    """The flat checkpoint key holding our parameter at `path`."""
+    parts = list(path)
+    if layout == "pytorch":
+        parts[-1] = _PT_LEAF.get(parts[-1], parts[-1])
+    return ".".join(([prefix] if prefix else []) + parts)
+
+
+def _find_prefix(flat, expected, layout, prefixes, file) -> str:
+    first = next(iter(expected))
+    for prefix in prefixes:
+        if checkpoint_key(first, layout, prefix) in flat:
+            return prefix
+    sample = sorted(flat)[:5]
+    raise KeyError(f"{file}: found no '{checkpoint_key(first, layout)}' under any of the prefixes "
+                   f"{list(prefixes)}; the file's keys start {sample}. Is this the right model_type?")
+
+
+def convert(flat: dict, layout: str, expected: dict, prefix: str, file: Path) -> dict:
+    """Our flat {path: array} from a checkpoint's flat weights, checked against `expected` shapes."""
+    params, used = {}, set()
+    for path, spec in expected.items():
+        key = checkpoint_key(path, layout, prefix)
+        if key not in flat and layout == "pytorch":
+            leaf = key.rsplit(".", 1)[-1]
+            for alias in _PT_ALIASES.get(leaf, ()):
+                if key[: -len(leaf)] + alias in flat:
+                    key = key[: -len(leaf)] + alias
+        if key not in flat:
+            raise KeyError(f"{file} has no tensor '{key}' for parameter '{'/'.join(path)}' "
+                           f"(expected shape {tuple(spec.shape)})")
+        value = np.asarray(flat[key])
+        if layout == "pytorch":
+            value = _from_pytorch(path[-1], value)
+        if tuple(value.shape) != tuple(spec.shape):
+            raise ValueError(f"parameter '{'/'.join(path)}': {file} key '{key}' has shape "
+                             f"{tuple(value.shape)} but the config expects {tuple(spec.shape)}")
+        params[path] = value.astype(np.float32) if value.dtype != np.float32 else value
+        used.add(key)
+    unused = [k for k in flat if k.startswith(prefix) and k not in used]
+    if unused:
+        log.info("%s: %d tensors not used by this model (e.g. %s)", file, len(unused), unused[:3])
+    return params
+
+
+def _load_into(module, inputs, checkpoint, prefixes):
+    """Params of `module` (unrolled or scanned) from `checkpoint` = read_weights(...)."""
+    flat, layout, file = checkpoint
+    scanned = scanned_layer_paths(module)
+    unrolled = module
+    if scanned:  # checkpoints are unrolled: read into the unrolled twin, then stack
+        unrolled = tower_for(module.config.replace(scan_layers=False)) if hasattr(
+            module, "config") else module.clone(
+            image_config=module.image_config.replace(scan_layers=False),
+            text_config=module.text_config.replace(scan_layers=False))
+    expected = traverse_util.flatten_dict(abstract_params(unrolled, **inputs))
+    prefix = _find_prefix(flat, expected, layout, prefixes, file)
+    params = traverse_util.unflatten_dict(convert(flat, layout, expected, prefix, file))
+    params = stack_layers(params, scanned)
+    return jax.tree_util.tree_map(jax.numpy.asarray, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+def tower_config(hf_config: dict, part: str | None = None, *, source: str = "config.json",
+                 **run_options) -> tuple[TowerConfig, tuple[str, ...]]:
+    """Our tower config from an HF config dict, and the weight prefixes to try."""
+    model_type = hf_config.get("model_type")
+    if model_type == "clip":
+        if part not in CLIP_PARTS:
+            raise ValueError(f"{source} is a full CLIP checkpoint: pass part='text' or "
+                             "part='vision' to load one tower, or use hf.load_dual_encoder")
+        sub = hf_config.get(f"{part}_config") or hf_config.get(f"{part}_config_dict") or {}
+        config_cls, prefixes, _ = TOWER_TYPES[CLIP_PARTS[part]]
+        return config_cls.from_hf(sub, **run_options), prefixes
+    if model_type not in TOWER_TYPES:
+        raise ValueError(f"{source}: model_type={model_type!r} is not supported; valign_jax loads "
+                         f"{sorted(TOWER_TYPES) + ['clip']}")
+    if part is not None:
+        raise ValueError(f"part={part!r} applies to full CLIP checkpoints only; {source} has "
+                         f"model_type={model_type!r}")
+    config_cls, prefixes, _ = TOWER_TYPES[model_type]
+    return config_cls.from_hf(hf_config, **run_options), prefixes
+
+
+def load_tower(path_or_hub_id, part: str | None = None, **run_options):
+    """(tower module, params) of a BERT / ViT / CLIP-text / CLIP-vision checkpoint.
+
+    run_options set this codebase's options on the tower config: dtype="bfloat16",
+    scan_layers=True, remat="full", pooling="mean", ...
+    """
+    directory = resolve(path_or_hub_id)
+    config, prefixes = tower_config(read_config(directory), part,
+                                    source=str(directory / "config.json"), **run_options)
+    checkpoint = read_weights(directory)
+    if getattr(config, "add_pooling_layer", False) and not any("pooler" in k for k in checkpoint[0]):
+        config = config.replace(add_pooling_layer=False)  # DeiT/DINO checkpoints carry no pooler
+    tower = tower_for(config)
+    return tower, _load_into(tower, dummy_inputs(config), checkpoint, prefixes)
+
+
+def load_dual_encoder(path_or_hub_id, **run_options):
+    """(DualEncoder, params) of a full CLIP checkpoint: towers, projections and logit scale."""
+    directory = resolve(path_or_hub_id)
+    hf_config = read_config(directory)
+    if hf_config.get("model_type") != "clip":
+        raise ValueError(f"{directory / 'config.json'}: load_dual_encoder reads full CLIP "
+                         f"checkpoints (model_type 'clip'), not {hf_config.get('model_type')!r}")
+    image_config, _ = tower_config(hf_config, "vision", **run_options)
+    text_config, _ = tower_config(hf_config, "text", **run_options)
+    model = DualEncoder(image_config, text_config,
+                        projection_dim=hf_config.get("projection_dim", 512),
+                        logit_scale_init=hf_config.get("logit_scale_init_value", 2.6592))
+    return model, _load_into(model, model.dummy_inputs(), read_weights(directory), ("",))
+
+
+def _write(directory: Path, hf_config: dict, module, params, prefix: str, formats):
+    directory.mkdir(parents=True, exist_ok=True)
+    params = unstack_layers(jax.device_get(params), scanned_layer_paths(module))
+    flat = traverse_util.flatten_dict(params)
+    if "safetensors" in formats:
+        from safetensors.numpy import save_file
+        tensors = {checkpoint_key(p, "pytorch", prefix): np.ascontiguousarray(
+            _to_pytorch(p[-1], np.asarray(v, np.float32))) for p, v in flat.items()}
+        save_file(tensors, directory / SAFETENSORS, metadata={"format": "pt"})
+    if "msgpack" in formats:
+        tree = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), params)
+        (directory / MSGPACK).write_bytes(serialization.msgpack_serialize(
+            {prefix: tree} if prefix else tree))
+    with open(directory / "config.json", "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+
+
+def save_tower(tower, params, out_dir, formats=("safetensors", "msgpack")):
+    """Write an HF-loadable directory: config.json plus model.safetensors (PyTorch layout) and
+    flax_model.msgpack, so both transformers' PyTorch and Flax classes load it."""
+    config = tower.config
+    model_type = config.model_type
+    hf_config = {**config.to_hf(), "architectures": [TOWER_TYPES[model_type][2]]}
+    prefix = TOWER_TYPES[model_type][1][0]
+    _write(Path(out_dir), hf_config, tower, params, prefix, formats)
+
+
+def save_dual_encoder(model: DualEncoder, params, out_dir, formats=("safetensors", "msgpack")):
+    """Write a CLIP dual encoder (CLIP towers, linear heads without bias) as an HF CLIPModel."""
+    if not (isinstance(model.image_config, CLIPVisionConfig)
+            and isinstance(model.text_config, CLIPTextConfig) and model.image_head == "linear"
+            and model.text_head == "linear" and not model.head_bias):
+        raise ValueError("only CLIP-tower dual encoders with bias-free linear heads have an HF "
+                         "CLIPModel layout; save each tower with hf.save_tower instead")
+    hf_config = {"model_type": "clip", "architectures": ["CLIPModel"],
+                 "projection_dim": model.projection_dim,
+                 "logit_scale_init_value": model.logit_scale_init,
+                 "text_config": model.text_config.to_hf(),
+                 "vision_config": model.image_config.to_hf()}
+    _write(Path(out_dir), hf_config, model, params, "", formats)

@@ -1,0 +1,137 @@
+"""CLIP text transformer with HF Flax parameter names (the `text_model` of a CLIP checkpoint).
+
+Pre-LayerNorm layers under a causal mask (and the padding mask), a final LayerNorm, and pooling at
+the end-of-text token. HF has two conventions for finding it, and both are kept:
+  eos_token_id == 2 (configs written before transformers PR #24773): argmax of the token ids,
+  which works because OpenAI's EOT id is the largest in the vocabulary;
+  otherwise: the first position holding eos_token_id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from valign_jax.models.config import TowerConfig
+from valign_jax.models.layers import (SelfAttention, activation, causal_mask, layer_stack,
+                                      masked_mean, padding_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig(TowerConfig):
+    model_type: ClassVar[str] = "clip_text_model"
+    POOLINGS: ClassVar[tuple[str, ...]] = ("eos", "mean")
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    projection_dim: int = 512
+
+
+def _dense(config, features, name):
+    return nn.Dense(features, dtype=config.compute_dtype, name=name,
+                    kernel_init=nn.initializers.normal(config.initializer_range))
+
+
+def _layer_norm(config, name):
+    return nn.LayerNorm(config.layer_norm_eps, dtype=config.compute_dtype, name=name)
+
+
+class CLIPMLP(nn.Module):
+    config: TowerConfig
+
+    @nn.compact
+    def __call__(self, hidden):
+        cfg = self.config
+        hidden = activation(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, "fc1")(hidden))
+        return _dense(cfg, cfg.hidden_size, "fc2")(hidden)
+
+
+class CLIPLayer(nn.Module):
+    """Pre-LN block shared by CLIP's text and vision transformers (HF: CLIPEncoderLayer)."""
+
+    config: TowerConfig
+
+    @nn.compact
+    def __call__(self, hidden, mask):
+        cfg = self.config
+        attn = SelfAttention(cfg.num_attention_heads, names=("q_proj", "k_proj", "v_proj"),
+                             out_name="out_proj", dtype=cfg.compute_dtype,
+                             attention_impl=cfg.attention_impl, name="self_attn")
+        hidden = hidden + attn(_layer_norm(cfg, "layer_norm1")(hidden), mask)
+        hidden = hidden + CLIPMLP(cfg, name="mlp")(_layer_norm(cfg, "layer_norm2")(hidden))
+        return hidden, None
+
+
+class CLIPEncoder(nn.Module):
+    config: TowerConfig
+
+    @nn.compact
+    def __call__(self, hidden, mask):
+        cfg = self.config
+        stack = layer_stack(CLIPLayer, cfg.num_hidden_layers, {"config": cfg}, name="layers",
+                            scan=cfg.scan_layers, remat=cfg.remat)
+        return stack(hidden, mask)[0]
+
+
+class CLIPTextEmbeddings(nn.Module):
+    config: CLIPTextConfig
+
+    @nn.compact
+    def __call__(self, input_ids, position_ids):
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+        tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
+                          name="token_embedding")(input_ids)
+        positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
+                             name="position_embedding")(position_ids)
+        return (tokens + positions).astype(cfg.compute_dtype)
+
+
+def eos_positions(input_ids, eos_token_id: int):
+    """Index of the end-of-text token per row, by HF's rule for this eos_token_id."""
+    if eos_token_id == 2:
+        return jnp.argmax(input_ids, axis=-1)
+    return jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1)
+
+
+class CLIPTextTower(nn.Module):
+    """HF layout (inside `text_model/`): embeddings/, encoder/layers/<i>/, final_layer_norm/.
+
+    `last_hidden_state` is after the final LayerNorm, as in HF. Pooling "eos" is HF's
+    pooler_output; "mean" averages real tokens.
+    """
+
+    config: CLIPTextConfig
+    LAYER_PATHS: ClassVar[tuple[tuple[str, ...], ...]] = (("encoder", "layers"),)
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        cfg = self.config
+        length = input_ids.shape[-1]
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
+        hidden = CLIPTextEmbeddings(cfg, name="embeddings")(input_ids, position_ids)
+        mask = causal_mask(length)
+        if attention_mask is not None:
+            mask = mask & padding_mask(attention_mask)
+        hidden = CLIPEncoder(cfg, name="encoder")(hidden, mask)
+        hidden = _layer_norm(cfg, "final_layer_norm")(hidden)
+        if cfg.pooling_mode == "eos":
+            pooled = jnp.take_along_axis(
+                hidden, eos_positions(input_ids, cfg.eos_token_id)[:, None, None], axis=1)[:, 0]
+        else:
+            pooled = masked_mean(hidden, attention_mask)
+        return {"last_hidden_state": hidden, "pooled": pooled}

@@ -1,0 +1,63 @@
+"""Tower configs: frozen dataclasses holding a Hugging Face config's architecture fields (by HF's
+own names) plus this codebase's run options (dtype, scan, remat, pooling), which HF does not know.
+
+`from_hf(dict)` reads a `config.json` dict (unknown HF keys are ignored), `to_hf()` writes one back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+    """Run options shared by every tower; subclasses add the HF architecture fields."""
+
+    model_type: ClassVar[str] = ""
+    # Fields that exist only here, never written into an HF config.json.
+    RUN_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "dtype", "scan_layers", "remat", "attention_impl", "pooling", "add_pooling_layer")
+
+    dtype: str = "float32"        # compute dtype; parameters stay float32
+    scan_layers: bool = False     # nn.scan over layers: one layer compiled, weights stacked
+    remat: str = "none"           # layers.REMAT_POLICIES
+    attention_impl: str = "xla"   # "xla", or "cudnn" for the fused GPU kernel
+    pooling: str = ""             # per family; "" picks the family's default
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
+        allowed = self.POOLINGS
+        if self.pooling and self.pooling not in allowed:
+            raise ValueError(f"{type(self).__name__}: pooling={self.pooling!r}; expected one of "
+                             f"{list(allowed)}")
+
+    POOLINGS: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def pooling_mode(self) -> str:
+        return self.pooling or self.POOLINGS[0]
+
+    @classmethod
+    def from_hf(cls, hf_config: dict[str, Any], **run_options):
+        names = {f.name for f in dataclasses.fields(cls)} - set(cls.RUN_OPTIONS)
+        values = {k: v for k, v in hf_config.items() if k in names}
+        return cls(**values, **run_options)
+
+    def to_hf(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in self.RUN_OPTIONS and not f.name.startswith("_")}
+        out["model_type"] = self.model_type
+        return out
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,204 @@
+"""Building blocks shared by every tower: attention, masks, activations, the layer stack
+(unrolled, remat-ed or `nn.scan`-ned) and position-embedding interpolation.
+
+Every tower calls the same `dot_product_attention`; only the parameter names around it differ,
+because each family keeps Hugging Face's names so checkpoints load by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Activations by the names Hugging Face configs use (`hidden_act`). "gelu" is the exact (erf) form in
+# HF; flax's nn.gelu defaults to the tanh approximation, which would cost ~1e-4 of agreement.
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_new": functools.partial(nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+}
+
+
+def activation(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+def padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """(B, L) 1/0 mask of real tokens -> (B, 1, 1, L) boolean mask over keys."""
+    return attention_mask.astype(bool)[:, None, None, :]
+
+
+def masked_mean(hidden: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    """Mean over the real tokens of (B, L, D) hidden states; all tokens when no mask is given."""
+    if attention_mask is None:
+        return hidden.mean(axis=1)
+    weights = attention_mask.astype(hidden.dtype)[..., None]
+    return (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+
+
+def causal_mask(length: int) -> jax.Array:
+    """(1, 1, L, L) boolean mask: query i sees keys j <= i."""
+    return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+
+
+def dot_product_attention(q, k, v, mask=None, implementation: str = "xla"):
+    """Scaled dot-product attention over (B, L, H, Dh) heads.
+
+    mask: boolean, broadcastable to (B, H, Lq, Lk), True where a query may attend a key.
+    The softmax runs in float32 whatever the compute dtype, so bf16 towers stay close to fp32.
+    `implementation="cudnn"` routes to jax's fused kernel on NVIDIA GPUs.
+    """
+    if implementation != "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    depth = q.shape[-1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits / math.sqrt(depth)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with HF-named q/k/v projections.
+
+    `names` are the three projection names (BERT/ViT: query/key/value; CLIP: q_proj/k_proj/v_proj).
+    `out_name` adds the output projection inside this module (CLIP's out_proj); BERT and ViT keep
+    theirs in a sibling module, so for them it is None and the caller projects.
+    """
+
+    num_heads: int
+    names: tuple[str, str, str] = ("query", "key", "value")
+    out_name: str | None = None
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"hidden size {width} is not divisible by num_heads={self.num_heads}")
+        heads = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, width // self.num_heads))
+        q, k, v = (heads(nn.Dense(width, use_bias=self.use_bias, dtype=self.dtype, name=n)(x))
+                   for n in self.names)
+        out = dot_product_attention(q, k, v, mask, self.attention_impl)
+        out = out.reshape(out.shape[:2] + (width,))
+        if self.out_name is not None:
+            out = nn.Dense(width, use_bias=self.use_bias, dtype=self.dtype, name=self.out_name)(out)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The stack of layers: unrolled (HF layout "0", "1", ...) or scanned (one stacked set of weights)
+# --------------------------------------------------------------------------------------------
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class _Unrolled(nn.Module):
+    """Layers "0", "1", ... as in HF checkpoints, applied in sequence."""
+
+    layer_cls: Any
+    num_layers: int
+    layer_kwargs: tuple  # (key, value) pairs: module attributes must be hashable
+
+    @nn.compact
+    def __call__(self, hidden, mask):
+        for i in range(self.num_layers):
+            hidden, _ = self.layer_cls(**dict(self.layer_kwargs), name=str(i))(hidden, mask)
+        return hidden, None
+
+
+def layer_stack(layer_cls, num_layers: int, layer_kwargs: dict, *, name: str,
+                scan: bool = False, remat: str = "none"):
+    """`num_layers` copies of `layer_cls`, as a module named `name` of the calling module.
+
+    Layers take `(hidden, mask)` and return `(hidden, None)`, the carry/output pair nn.scan needs.
+    Unrolled, parameters are `<name>/0/...`, `<name>/1/...` as in HF checkpoints. With `scan=True`
+    one layer is traced and compiled once and its parameters carry a leading layer axis
+    (`<name>/...`); `models.scan_convert` moves between the two layouts, which is how a scanned
+    tower loads and saves HF checkpoints. `remat` recomputes each layer's activations in the
+    backward pass by the named policy (REMAT_POLICIES), trading compute for memory.
+    Call it inside the parent's compact method.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    layer = layer_cls
+    if remat != "none":
+        layer = nn.remat(layer, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    if scan:
+        scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=nn.broadcast, length=num_layers)
+        return scanned(**layer_kwargs, name=name)
+    return _Unrolled(layer, num_layers, tuple(layer_kwargs.items()), name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Position embeddings at another resolution
+# --------------------------------------------------------------------------------------------
+
+def _bicubic_weights(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
+    """(out, in) matrix of PyTorch's bicubic resize (align_corners=False, no antialias, A=-0.75).
+
+    HF's ViT and CLIP interpolate position embeddings with torch.nn.functional.interpolate in
+    this mode; matching it keeps a 224-px checkpoint run at 256 px equal to HF's
+    `interpolate_pos_encoding=True`. jax.image.resize uses A=-0.5, which would not match.
+    """
+    def cubic(t):  # Keys' cubic convolution kernel
+        t = abs(t)
+        if t <= 1:
+            return ((a + 2) * t - (a + 3)) * t * t + 1
+        if t < 2:
+            return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+        return 0.0
+
+    weights = np.zeros((out_size, in_size), np.float64)
+    scale = in_size / out_size
+    for o in range(out_size):
+        src = (o + 0.5) * scale - 0.5  # cubic mode: negative sources are not clamped to 0
+        base = math.floor(src)
+        frac = src - base
+        for tap in range(-1, 3):
+            index = min(max(base + tap, 0), in_size - 1)  # border replicate
+            weights[o, index] += cubic(tap - frac)
+    return weights
+
+
+def interpolate_patch_positions(pos: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """Resize (N, D) patch position embeddings laid out on a square grid to `grid` = (h, w)."""
+    n, dim = pos.shape
+    side = int(round(math.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"cannot interpolate {n} patch positions: not a square grid")
+    if (side, side) == tuple(grid):
+        return pos
+    wh = jnp.asarray(_bicubic_weights(side, grid[0]), jnp.float32)
+    ww = jnp.asarray(_bicubic_weights(side, grid[1]), jnp.float32)
+    table = pos.astype(jnp.float32).reshape(side, side, dim)
+    hp = jax.lax.Precision.HIGHEST
+    out = jnp.einsum("yi,xj,ijd->yxd", wh, ww, table, precision=hp)
+    return out.reshape(grid[0] * grid[1], dim).astype(pos.dtype)
