@@ -1,0 +1,47 @@
+"""The tokenizer wrapper reads a checkpoint's own tokenizer files (written here by transformers),
+pads/truncates to a fixed length and matches the underlying tokenizer token for token."""
+
+import numpy as np
+import pytest
+import transformers as tf
+
+from valign_jax.data.tokenizer import Tokenizer
+
+WORDS = ["a", "photo", "of", "red", "blue", "square", "circle", "cat", "dog", "two"]
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    vocab = d / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    tf.BertTokenizerFast(vocab_file=str(vocab), do_lower_case=False).save_pretrained(d)
+    return d
+
+
+def test_fixed_length_padding_and_mask(bert_dir):
+    tok = Tokenizer(bert_dir, max_length=6)
+    batch = tok(["a photo of cat", "two red square blue circle dog cat"])
+    assert batch["input_ids"].shape == (2, 6) and batch["input_ids"].dtype == np.int32
+    reference = tf.AutoTokenizer.from_pretrained(str(bert_dir))
+    first = reference("a photo of cat")["input_ids"]
+    assert batch["input_ids"][0].tolist() == first  # exactly 6 tokens with [CLS] and [SEP]
+    second = batch["input_ids"][1].tolist()
+    assert second[0] == reference.cls_token_id and second[-1] == reference.sep_token_id  # truncated
+    short = tok(["cat"])
+    assert short["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0]]
+    assert short["input_ids"][0, 3:].tolist() == [reference.pad_token_id] * 3
+
+
+def test_lower_casing(bert_dir):
+    cased, lowered = Tokenizer(bert_dir, 8), Tokenizer(bert_dir, 8, lower_case=True)
+    unk = tf.AutoTokenizer.from_pretrained(str(bert_dir)).unk_token_id
+    assert unk in cased(["A Photo"])["input_ids"][0]
+    assert unk not in lowered(["A Photo"])["input_ids"][0]
+
+
+def test_errors(bert_dir, tmp_path):
+    with pytest.raises(TypeError, match="list of strings"):
+        Tokenizer(bert_dir, 8)("a cat")
+    with pytest.raises(FileNotFoundError, match="no usable tokenizer files"):
+        Tokenizer(tmp_path, 8)
