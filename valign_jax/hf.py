@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from flax import serialization, traverse_util
 from valign_jax.models import (BertConfig, CLIPTextConfig, CLIPVisionConfig, DualEncoder,
                                ViTConfig)
 from valign_jax.models.config import TowerConfig
+from valign_jax.models.layers import interpolate_patch_positions
 from valign_jax.models.registry import (abstract_params, dummy_inputs, scanned_layer_paths,
                                         stack_layers, tower_for, unstack_layers)
 
@@ -136,6 +138,24 @@ def checkpoint_key(path: tuple[str, ...], layout: str, prefix: str = "") -> str:
     return ".".join(([prefix] if prefix else []) + parts)
 
 
+def _is_position_table(path, value, spec) -> bool:
+    """A ViT / CLIP-vision position table stored for another image size (same width)."""
+    name = "/".join(path)
+    return (name in ("embeddings/position_embeddings", "embeddings/position_embedding/embedding")
+            or name.endswith(("vision_model/embeddings/position_embedding/embedding",)))\
+        and value.shape[-1] == spec.shape[-1] and value.ndim == len(spec.shape)
+
+
+def _resize_position_table(value: np.ndarray, shape) -> np.ndarray:
+    """[CLS] position kept, the patch grid bicubically resized (as HF interpolates at run time):
+    a 224-px checkpoint stored for 256 px, as LiLT trains DeiT-B."""
+    width = value.shape[-1]
+    table = value.reshape(-1, width)
+    side = int(round(math.sqrt(int(np.prod(shape)) // width - 1)))
+    patches = interpolate_patch_positions(jax.numpy.asarray(table[1:]), (side, side))
+    return np.concatenate([table[:1], np.asarray(patches)], axis=0).reshape(shape)
+
+
 def _find_prefix(flat, expected, layout, prefixes, file) -> str:
     first = next(iter(expected))
     for prefix in prefixes:
@@ -162,6 +182,9 @@ def convert(flat: dict, layout: str, expected: dict, prefix: str, file: Path) ->
         value = np.asarray(flat[key])
         if layout == "pytorch":
             value = _from_pytorch(path[-1], value)
+        if tuple(value.shape) != tuple(spec.shape) and _is_position_table(path, value, spec):
+            log.info("%s: resizing %s from %s to %s", file, key, value.shape, tuple(spec.shape))
+            value = _resize_position_table(value, spec.shape)
         if tuple(value.shape) != tuple(spec.shape):
             raise ValueError(f"parameter '{'/'.join(path)}': {file} key '{key}' has shape "
                              f"{tuple(value.shape)} but the config expects {tuple(spec.shape)}")

@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from valign_jax.models.config import TowerConfig
-from valign_jax.models.layers import (SelfAttention, activation, layer_stack, masked_mean,
-                                      padding_mask)
+from valign_jax.models.layers import (SelfAttention, activation, deep_adapter, layer_stack,
+                                      masked_mean, maybe_adapter, padding_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,8 @@ class DenseResidualNorm(nn.Module):
     def __call__(self, hidden, residual):
         cfg = self.config
         hidden = _dense(cfg, cfg.hidden_size, "dense")(hidden)
+        # LiLT's adapter for post-LN layers: after the output dense, before residual add + LN.
+        hidden = maybe_adapter(cfg, hidden, "adapter")
         return nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.compute_dtype, name="LayerNorm")(
             hidden + residual)
 
@@ -123,6 +125,7 @@ class BertEncoder(nn.Module):
         return stack(hidden, mask)[0]
 
 
+
 class BertTower(nn.Module):
     """HF layout: embeddings/, encoder/layer/<i>/, pooler/ (FlaxBertModel's parameter tree)."""
 
@@ -139,7 +142,9 @@ class BertTower(nn.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         hidden = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids)
-        hidden = BertEncoder(cfg, name="encoder")(hidden, padding_mask(attention_mask))
+        mask = padding_mask(attention_mask)
+        hidden = BertEncoder(cfg, name="encoder")(hidden, mask)
+        hidden = deep_adapter(BertLayer, cfg, hidden, mask)
         # The pooler is built whenever the checkpoint has one, so its weights round-trip.
         pooler_out = BertPooler(cfg, name="pooler")(hidden[:, 0]) if cfg.add_pooling_layer else None
         mode = cfg.pooling_mode

@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from valign_jax.models.config import TowerConfig
-from valign_jax.models.layers import (SelfAttention, activation, causal_mask, layer_stack,
-                                      masked_mean, padding_mask)
+from valign_jax.models.layers import (SelfAttention, activation, causal_mask, deep_adapter,
+                                      layer_stack, masked_mean, maybe_adapter, padding_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +70,11 @@ class CLIPLayer(nn.Module):
         attn = SelfAttention(cfg.num_attention_heads, names=("q_proj", "k_proj", "v_proj"),
                              out_name="out_proj", dtype=cfg.compute_dtype,
                              attention_impl=cfg.attention_impl, name="self_attn")
-        hidden = hidden + attn(_layer_norm(cfg, "layer_norm1")(hidden), mask)
-        hidden = hidden + CLIPMLP(cfg, name="mlp")(_layer_norm(cfg, "layer_norm2")(hidden))
-        return hidden, None
+        # LiLT's adapters for pre-LN layers: before each LayerNorm, inside the residual branch.
+        branch = _layer_norm(cfg, "layer_norm1")(maybe_adapter(cfg, hidden, "adapter_1"))
+        hidden = hidden + attn(branch, mask)
+        branch = _layer_norm(cfg, "layer_norm2")(maybe_adapter(cfg, hidden, "adapter_2"))
+        return hidden + CLIPMLP(cfg, name="mlp")(branch), None
 
 
 class CLIPEncoder(nn.Module):
@@ -128,6 +130,7 @@ class CLIPTextTower(nn.Module):
         if attention_mask is not None:
             mask = mask & padding_mask(attention_mask)
         hidden = CLIPEncoder(cfg, name="encoder")(hidden, mask)
+        hidden = deep_adapter(CLIPLayer, cfg, hidden, mask)
         hidden = _layer_norm(cfg, "final_layer_norm")(hidden)
         if cfg.pooling_mode == "eos":
             pooled = jnp.take_along_axis(

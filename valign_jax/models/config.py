@@ -21,17 +21,26 @@ class TowerConfig:
     model_type: ClassVar[str] = ""
     # Fields that exist only here, never written into an HF config.json.
     RUN_OPTIONS: ClassVar[tuple[str, ...]] = (
-        "dtype", "scan_layers", "remat", "attention_impl", "pooling", "add_pooling_layer")
+        "dtype", "scan_layers", "remat", "attention_impl", "pooling", "add_pooling_layer",
+        "adapter_dim", "adapter_init", "deep_layers")
 
     dtype: str = "float32"        # compute dtype; parameters stay float32
     scan_layers: bool = False     # nn.scan over layers: one layer compiled, weights stacked
     remat: str = "none"           # layers.REMAT_POLICIES
     attention_impl: str = "xla"   # "xla", or "cudnn" for the fused GPU kernel
     pooling: str = ""             # per family; "" picks the family's default
+    # Parameter-efficient additions (LiLT): a Houlsby adapter of this bottleneck width before
+    # every LayerNorm of every layer (0: none), initialised N(0, 0.02) or as the identity; and
+    # `deep_layers` extra, freshly initialised layers appended on top of the encoder.
+    adapter_dim: int = 0
+    adapter_init: str = "normal"
+    deep_layers: int = 0
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
+        if self.adapter_init not in ("normal", "identity"):
+            raise ValueError(f"adapter_init={self.adapter_init!r}; expected 'normal' or 'identity'")
         allowed = self.POOLINGS
         if self.pooling and self.pooling not in allowed:
             raise ValueError(f"{type(self).__name__}: pooling={self.pooling!r}; expected one of "
@@ -48,10 +57,12 @@ class TowerConfig:
         return self.pooling or self.POOLINGS[0]
 
     @classmethod
-    def from_hf(cls, hf_config: dict[str, Any], **run_options):
+    def from_hf(cls, hf_config: dict[str, Any], **overrides):
+        """From an HF config dict; `overrides` set run options or architecture fields
+        (e.g. image_size=256 to run a 224-px checkpoint at 256 px)."""
         names = {f.name for f in dataclasses.fields(cls)} - set(cls.RUN_OPTIONS)
         values = {k: v for k, v in hf_config.items() if k in names}
-        return cls(**values, **run_options)
+        return cls(**{**values, **overrides})
 
     def to_hf(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

@@ -1,7 +1,8 @@
 """The dual encoder: an image tower and a text tower, a head on each, a learnable logit scale
 (and, for sigmoid recipes, a bias).
 
-Submodule names follow HF's CLIPModel (`vision_model`, `text_model`, `visual_projection`,
+Either tower may be a `FeaturesConfig`: precomputed features (SAIL's cached frozen-tower
+outputs) pass straight to the head. Submodule names follow HF's CLIPModel (`vision_model`, `text_model`, `visual_projection`,
 `text_projection`, `logit_scale`), so a CLIP checkpoint loads by name, whatever towers are used.
 `encode_image` / `encode_text` return projected features, not L2-normalised: the losses and
 metrics normalise where their formulas say so, and RaFA acts on the un-normalised features.
@@ -15,19 +16,8 @@ from typing import Any
 import flax.linen as nn
 
 from valign_jax.models.config import TowerConfig
+from valign_jax.models.layers import make_head
 from valign_jax.models.registry import dummy_inputs, is_text, tower_for
-
-HEADS = ("linear", "identity")
-
-
-def make_head(kind: str, features: int, use_bias: bool, name: str):
-    if kind == "linear":
-        return nn.Dense(features, use_bias=use_bias, name=name,
-                        kernel_init=nn.initializers.normal(0.02))
-    if kind == "identity":
-        return lambda x: x
-    raise ValueError(f"head={kind!r}; expected one of {HEADS}")
-
 
 class DualEncoder(nn.Module):
     image_config: TowerConfig

@@ -107,6 +107,93 @@ class SelfAttention(nn.Module):
         return out
 
 
+class Adapter(nn.Module):
+    """Houlsby bottleneck adapter: h + W_up GELU(W_down h).
+
+    LiLT initialises both projections N(0, 0.02) with zero biases; `identity=True` zeroes W_up
+    instead, so a freshly inserted adapter leaves the pretrained tower's output unchanged.
+    """
+
+    bottleneck: int
+    identity: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden):
+        init = nn.initializers.normal(0.02)
+        inner = nn.Dense(self.bottleneck, kernel_init=init, dtype=self.dtype, name="down")(hidden)
+        inner = nn.gelu(inner, approximate=False)
+        up_init = nn.initializers.zeros if self.identity else init
+        return hidden + nn.Dense(hidden.shape[-1], kernel_init=up_init, dtype=self.dtype,
+                                 name="up")(inner)
+
+
+def maybe_adapter(config, hidden, name: str):
+    """`config`'s adapter named `name` applied to `hidden`, or `hidden` when adapters are off.
+    Call inside a compact method."""
+    if not config.adapter_dim:
+        return hidden
+    return Adapter(config.adapter_dim, config.adapter_init == "identity",
+                   config.compute_dtype, name=name)(hidden)
+
+
+# --------------------------------------------------------------------------------------------
+# Heads: what sits between a tower's pooled features and the shared embedding space
+# --------------------------------------------------------------------------------------------
+
+class GLUHead(nn.Module):
+    """SAIL's alignment layer ("star" MLP): y = W_g(ReLU6(W_1 h + b_1) * (W_2 h + b_2)),
+    h = LN(x); W_1, W_2: in -> width_factor*in; activations clamped to +-clamp; Xavier-uniform
+    weights, zero biases, no residual."""
+
+    features: int
+    width_factor: int = 8
+    clamp: float = 1e3
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, f: nn.Dense(f, kernel_init=nn.initializers.xavier_uniform(), name=n)
+        h = nn.LayerNorm(name="norm")(x)
+        width = self.width_factor * x.shape[-1]
+        gated = nn.relu6(dense("w1", width)(h)) * dense("w2", width)(h)
+        return dense("out", self.features)(jnp.clip(gated, -self.clamp, self.clamp))
+
+
+class MLPHead(nn.Module):
+    """LN -> Dense(4*in) -> GELU -> Dense(features)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm(name="norm")(x)
+        h = nn.gelu(nn.Dense(4 * x.shape[-1], name="fc1")(h), approximate=False)
+        return nn.Dense(self.features, name="fc2")(h)
+
+
+class Identity(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x
+
+
+HEADS = ("linear", "glu", "mlp", "identity")
+
+
+def make_head(kind: str, features: int, use_bias: bool, name: str) -> nn.Module:
+    """A head by name. "linear" is CLIP's projection (bias-free unless use_bias)."""
+    if kind == "linear":
+        return nn.Dense(features, use_bias=use_bias, kernel_init=nn.initializers.normal(0.02),
+                        name=name)
+    if kind == "glu":
+        return GLUHead(features, name=name)
+    if kind == "mlp":
+        return MLPHead(features, name=name)
+    if kind == "identity":
+        return Identity(name=name)
+    raise ValueError(f"head={kind!r}; expected one of {HEADS}")
+
+
 # --------------------------------------------------------------------------------------------
 # The stack of layers: unrolled (HF layout "0", "1", ...) or scanned (one stacked set of weights)
 # --------------------------------------------------------------------------------------------
@@ -155,6 +242,15 @@ def layer_stack(layer_cls, num_layers: int, layer_kwargs: dict, *, name: str,
                           in_axes=nn.broadcast, length=num_layers)
         return scanned(**layer_kwargs, name=name)
     return _Unrolled(layer, num_layers, tuple(layer_kwargs.items()), name=name)
+
+
+def deep_adapter(layer_cls, config, hidden, mask):
+    """LiLT's deep adapter: `config.deep_layers` fresh layers of the tower's own kind on top of
+    its encoder, as `deep_adapter/<i>/...`. Call inside the tower's compact method."""
+    if not config.deep_layers:
+        return hidden
+    return layer_stack(layer_cls, config.deep_layers, {"config": config},
+                       name="deep_adapter")(hidden, mask)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ layers on a leading axis: `encoder/layer/...`)."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +17,31 @@ from valign_jax.models.clip_text import CLIPTextConfig, CLIPTextTower
 from valign_jax.models.config import TowerConfig
 from valign_jax.models.vit import CLIPVisionConfig, CLIPVisionTower, ViTConfig, ViTTower
 
-TOWERS = {BertConfig: BertTower, CLIPTextConfig: CLIPTextTower, ViTConfig: ViTTower,
+@dataclasses.dataclass(frozen=True)
+class FeaturesConfig:
+    """A "tower" whose inputs are precomputed (B, dim) features, e.g. SAIL's feature cache."""
+
+    dim: int
+    modality: str  # "image" or "text"
+    scan_layers: bool = False
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+class FeaturesTower(nn.Module):
+    config: FeaturesConfig
+    LAYER_PATHS: ClassVar[tuple] = ()
+
+    @nn.compact
+    def __call__(self, features, attention_mask=None):
+        if features.shape[-1] != self.config.dim:
+            raise ValueError(f"precomputed {self.config.modality} features have width "
+                             f"{features.shape[-1]}; the config says {self.config.dim}")
+        return {"pooled": features}
+
+
+TOWERS = {FeaturesConfig: FeaturesTower, BertConfig: BertTower, CLIPTextConfig: CLIPTextTower, ViTConfig: ViTTower,
           CLIPVisionConfig: CLIPVisionTower}
 TEXT_CONFIGS = (BertConfig, CLIPTextConfig)
 
@@ -28,11 +56,16 @@ def tower_for(config: TowerConfig, **module_kwargs):
 
 
 def is_text(config: TowerConfig) -> bool:
+    if isinstance(config, FeaturesConfig):
+        return config.modality == "text"
     return isinstance(config, TEXT_CONFIGS)
 
 
 def dummy_inputs(config: TowerConfig, batch: int = 1) -> dict:
     """Keyword inputs of the right shapes to trace a tower (values are irrelevant)."""
+    if isinstance(config, FeaturesConfig):
+        key = "input_ids" if config.modality == "text" else "pixel_values"
+        return {key: jnp.zeros((batch, config.dim), jnp.float32)}
     if is_text(config):
         ids = jnp.ones((batch, 8), jnp.int32)
         return {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}

@@ -21,10 +21,10 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from valign_jax.models.clip_text import CLIPEncoder
+from valign_jax.models.clip_text import CLIPEncoder, CLIPLayer
 from valign_jax.models.config import TowerConfig
-from valign_jax.models.layers import (SelfAttention, activation, interpolate_patch_positions,
-                                      layer_stack)
+from valign_jax.models.layers import (SelfAttention, activation, deep_adapter,
+                                      interpolate_patch_positions, layer_stack, maybe_adapter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +147,12 @@ class ViTLayer(nn.Module):
     def __call__(self, hidden, mask):
         cfg = self.config
         norm = lambda n: nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=n)
-        hidden = hidden + ViTAttention(cfg, name="attention")(norm("layernorm_before")(hidden), mask)
-        inner = activation(cfg.hidden_act)(
-            _Dense(cfg, cfg.intermediate_size, name="intermediate")(norm("layernorm_after")(hidden)))
+        # LiLT's adapters for pre-LN layers: before each LayerNorm, inside the residual branch.
+        branch = norm("layernorm_before")(maybe_adapter(cfg, hidden, "adapter_before"))
+        hidden = hidden + ViTAttention(cfg, name="attention")(branch, mask)
+        branch = norm("layernorm_after")(maybe_adapter(cfg, hidden, "adapter_after"))
+        inner = activation(cfg.hidden_act)(_Dense(cfg, cfg.intermediate_size,
+                                                  name="intermediate")(branch))
         return hidden + _Dense(cfg, cfg.hidden_size, name="output")(inner), None
 
 
@@ -175,6 +178,7 @@ class ViTTower(nn.Module):
         cfg = self.config
         hidden = ViTEmbeddings(cfg, name="embeddings")(pixel_values)
         hidden = ViTEncoder(cfg, name="encoder")(hidden)
+        hidden = deep_adapter(ViTLayer, cfg, hidden, None)
         hidden = nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.compute_dtype, name="layernorm")(hidden)
         pooler_out = None
         if cfg.add_pooling_layer:  # built whenever the checkpoint has one, so weights round-trip
@@ -227,4 +231,5 @@ class CLIPVisionTower(nn.Module):
         hidden = CLIPVisionEmbeddings(cfg, name="embeddings")(pixel_values)
         hidden = norm("pre_layrnorm")(hidden)
         hidden = CLIPEncoder(cfg, name="encoder")(hidden, None)
+        hidden = deep_adapter(CLIPLayer, cfg, hidden, None)
         return {"last_hidden_state": hidden, "pooled": norm("post_layernorm")(hidden[:, 0])}

@@ -1,0 +1,61 @@
+"""LiLT (Khan & Fu, ICLR 2023): parameter-efficient alignment of a frozen ViT-B/16 (DeiT weights,
+256 px) and BERT-base (SimCSE weights) — every row of the paper's Table 1 as a variant.
+
+    python -m valign_jax.main --config=configs/lilt.py:lilt_lwa --dry_run
+
+Table 1 "% Trained" (of all parameters, inserted adapters included) per variant:
+frozen 0.00, ln_only 0.04, projection 0.20, lilt_ln 0.24, lilt_bitfit 0.31, lilt_da_noln 6.96,
+lilt_da 6.99, lilt_lwa_noln 6.97, lilt_lwa 7.01, lilt_lwa_bitfit 7.09, lilt_da_bitfit 7.06,
+lit 56.01, lit_lwa 57.57, clip 100. Table 3: lilt_da 14.65M, lilt_lwa 14.67M, lit 109.28M,
+clip 195.13M trainable. Projections are bias-free Linear(768 -> 256): Table 3's counts need it.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+# variant: (peft recipe, adapters in (image, text) towers, deep-adapter layers in (image, text))
+ADAPTER = 192  # bottleneck = hidden / 4 for base towers
+VARIANTS = {
+    "frozen": ("frozen", (0, 0), (0, 0)),
+    "ln_only": ("ln_only", (0, 0), (0, 0)),
+    "projection": ("projection", (0, 0), (0, 0)),
+    "lilt_ln": ("lilt_ln", (0, 0), (0, 0)),
+    "lilt_bitfit": ("lilt_bitfit", (0, 0), (0, 0)),
+    "lilt_da_noln": ("lilt_da_noln", (0, 0), (1, 1)),
+    "lilt_da": ("lilt_da", (0, 0), (1, 1)),
+    "lilt_lwa_noln": ("lilt_lwa_noln", (ADAPTER, ADAPTER), (0, 0)),
+    "lilt_lwa": ("lilt_lwa", (ADAPTER, ADAPTER), (0, 0)),
+    "lilt_lwa_bitfit": ("lilt_lwa_bitfit", (ADAPTER, ADAPTER), (0, 0)),
+    "lilt_da_bitfit": ("lilt_da_bitfit", (0, 0), (1, 1)),
+    "lit": ("lit", (0, 0), (0, 0)),
+    "lit_reversed": ("lit_reversed", (0, 0), (0, 0)),
+    "lit_da": ("lit_da", (0, 0), (1, 0)),
+    "lit_lwa": ("lit_lwa", (ADAPTER, 0), (0, 0)),
+    "clip": ("full", (0, 0), (0, 0)),
+}
+
+
+def get_config(arg=None):
+    variant, modifiers = common.parse_arg(arg, VARIANTS, "lilt_lwa", "configs/lilt.py")
+    recipe, adapters, deep = VARIANTS[variant]
+    c = common.base_config()
+    c.variant = variant
+    c.model.image = common.tower("vit_b16", "facebook/deit-base-patch16-224", image_size=256,
+                                 pooling="cls")
+    c.model.text = common.tower("bert_base", "princeton-nlp/unsup-simcse-bert-base-uncased",
+                                pooling="cls", max_length=64)
+    c.model.projection_dim = 256
+    c.model.logit_preset = "lilt"
+    c.peft.recipe = recipe
+    (c.model.image.adapter_dim, c.model.text.adapter_dim) = adapters
+    (c.model.image.deep_layers, c.model.text.deep_layers) = deep
+    if "demo" in modifiers:
+        c.model.image = common.tower("vit_tiny", image_size=32, pooling="cls",
+                                     adapter_dim=adapters[0] and 16, deep_layers=deep[0])
+        c.model.text = common.tower("bert_tiny", pooling="cls", max_length=16,
+                                    adapter_dim=adapters[1] and 16, deep_layers=deep[1])
+        c.model.projection_dim = 64
+    return c
