@@ -61,4 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
         recipe="full",           # peft.RECIPES
         overrides=(),            # ("<regex>=trainable|frozen", ...) over the recipe
     ))
+    c.optim = ml_collections.ConfigDict(dict(
+        name="adamw", lr=1e-4, warmup_init_lr=1e-5, end_lr=1e-5, warmup_steps=1000,
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.02, grad_clip_norm=0.0,
+    ))
     return c

@@ -79,6 +79,23 @@ def abstract_params(module, *args, **kwargs):
     return variables["params"]
 
 
+def overlay(params, pretrained, where: str = "params"):
+    """`params` with every leaf that `pretrained` also has replaced by the pretrained value:
+    fresh adapters, deep layers and heads keep their init, the rest comes from the checkpoint."""
+    out = dict(params)
+    for key, value in pretrained.items():
+        if key not in params:
+            raise KeyError(f"{where}/{key} is in the pretrained weights but not in the model")
+        if isinstance(value, dict):
+            out[key] = overlay(params[key], value, f"{where}/{key}")
+        elif tuple(params[key].shape) != tuple(value.shape):
+            raise ValueError(f"{where}/{key}: pretrained shape {tuple(value.shape)} but the model "
+                             f"expects {tuple(params[key].shape)}")
+        else:
+            out[key] = value
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Scanned <-> unrolled layer layouts
 # ---------------------------------------------------------------------------------------------
