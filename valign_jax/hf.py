@@ -120,7 +120,8 @@ _PT_ALIASES = {"weight": ("gamma",), "bias": ("beta",)}  # old TF-converted Laye
 
 def _to_pytorch(leaf: str, value: np.ndarray) -> np.ndarray:
     if leaf == "kernel":
-        return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T  # HWIO->OIHW, (in,out)->(out,in)
+        # conv HWIO -> OIHW; linear (in, out) -> (out, in)
+        return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
     return value
 
 

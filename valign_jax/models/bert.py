@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from valign_jax.models.config import TowerConfig
-from valign_jax.models.layers import (SelfAttention, activation, deep_adapter, layer_stack,
-                                      masked_mean, maybe_adapter, padding_mask)
+from valign_jax.models.layers import (Encoder, SelfAttention, activation, deep_adapter, dense,
+                                      layer_norm, masked_mean, maybe_adapter, padding_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +49,6 @@ class BertConfig(TowerConfig):
                              "pooler weights)")
 
 
-def _dense(config, features, name):
-    return nn.Dense(features, dtype=config.compute_dtype, name=name,
-                    kernel_init=nn.initializers.normal(config.initializer_range))
-
-
 class DenseResidualNorm(nn.Module):
     """BERT's sublayer output: LayerNorm(Dense(h) + residual), HF names `dense` and `LayerNorm`."""
 
@@ -62,11 +57,10 @@ class DenseResidualNorm(nn.Module):
     @nn.compact
     def __call__(self, hidden, residual):
         cfg = self.config
-        hidden = _dense(cfg, cfg.hidden_size, "dense")(hidden)
+        hidden = dense(cfg, cfg.hidden_size, "dense")(hidden)
         # LiLT's adapter for post-LN layers: after the output dense, before residual add + LN.
         hidden = maybe_adapter(cfg, hidden, "adapter")
-        return nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.compute_dtype, name="LayerNorm")(
-            hidden + residual)
+        return layer_norm(cfg, "LayerNorm")(hidden + residual)
 
 
 class BertAttention(nn.Module):
@@ -86,7 +80,7 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, hidden):
         cfg = self.config
-        return activation(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, "dense")(hidden))
+        return activation(cfg.hidden_act)(dense(cfg, cfg.intermediate_size, "dense")(hidden))
 
 
 class BertLayer(nn.Module):
@@ -110,20 +104,7 @@ class BertEmbeddings(nn.Module):
         hidden = (embed("word_embeddings", cfg.vocab_size)(input_ids)
                   + embed("position_embeddings", cfg.max_position_embeddings)(position_ids)
                   + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids))
-        hidden = nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.compute_dtype, name="LayerNorm")(hidden)
-        return hidden.astype(cfg.compute_dtype)
-
-
-class BertEncoder(nn.Module):
-    config: BertConfig
-
-    @nn.compact
-    def __call__(self, hidden, mask):
-        cfg = self.config
-        stack = layer_stack(BertLayer, cfg.num_hidden_layers, {"config": cfg}, name="layer",
-                            scan=cfg.scan_layers, remat=cfg.remat)
-        return stack(hidden, mask)[0]
-
+        return layer_norm(cfg, "LayerNorm")(hidden).astype(cfg.compute_dtype)
 
 
 class BertTower(nn.Module):
@@ -143,7 +124,7 @@ class BertTower(nn.Module):
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         hidden = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids)
         mask = padding_mask(attention_mask)
-        hidden = BertEncoder(cfg, name="encoder")(hidden, mask)
+        hidden = Encoder(BertLayer, "layer", cfg, name="encoder")(hidden, mask)
         hidden = deep_adapter(BertLayer, cfg, hidden, mask)
         # The pooler is built whenever the checkpoint has one, so its weights round-trip.
         pooler_out = BertPooler(cfg, name="pooler")(hidden[:, 0]) if cfg.add_pooling_layer else None
@@ -162,4 +143,4 @@ class BertPooler(nn.Module):
 
     @nn.compact
     def __call__(self, cls_hidden):
-        return nn.tanh(_dense(self.config, self.config.hidden_size, "dense")(cls_hidden))
+        return nn.tanh(dense(self.config, self.config.hidden_size, "dense")(cls_hidden))

@@ -16,8 +16,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from valign_jax.models.config import TowerConfig
-from valign_jax.models.layers import (SelfAttention, activation, causal_mask, deep_adapter,
-                                      layer_stack, masked_mean, maybe_adapter, padding_mask)
+from valign_jax.models.layers import (Encoder, SelfAttention, activation, causal_mask,
+                                      deep_adapter, dense, layer_norm, masked_mean, maybe_adapter,
+                                      padding_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,23 +41,14 @@ class CLIPTextConfig(TowerConfig):
     projection_dim: int = 512
 
 
-def _dense(config, features, name):
-    return nn.Dense(features, dtype=config.compute_dtype, name=name,
-                    kernel_init=nn.initializers.normal(config.initializer_range))
-
-
-def _layer_norm(config, name):
-    return nn.LayerNorm(config.layer_norm_eps, dtype=config.compute_dtype, name=name)
-
-
 class CLIPMLP(nn.Module):
     config: TowerConfig
 
     @nn.compact
     def __call__(self, hidden):
         cfg = self.config
-        hidden = activation(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, "fc1")(hidden))
-        return _dense(cfg, cfg.hidden_size, "fc2")(hidden)
+        hidden = activation(cfg.hidden_act)(dense(cfg, cfg.intermediate_size, "fc1")(hidden))
+        return dense(cfg, cfg.hidden_size, "fc2")(hidden)
 
 
 class CLIPLayer(nn.Module):
@@ -71,21 +63,10 @@ class CLIPLayer(nn.Module):
                              out_name="out_proj", dtype=cfg.compute_dtype,
                              attention_impl=cfg.attention_impl, name="self_attn")
         # LiLT's adapters for pre-LN layers: before each LayerNorm, inside the residual branch.
-        branch = _layer_norm(cfg, "layer_norm1")(maybe_adapter(cfg, hidden, "adapter_1"))
+        branch = layer_norm(cfg, "layer_norm1")(maybe_adapter(cfg, hidden, "adapter_1"))
         hidden = hidden + attn(branch, mask)
-        branch = _layer_norm(cfg, "layer_norm2")(maybe_adapter(cfg, hidden, "adapter_2"))
+        branch = layer_norm(cfg, "layer_norm2")(maybe_adapter(cfg, hidden, "adapter_2"))
         return hidden + CLIPMLP(cfg, name="mlp")(branch), None
-
-
-class CLIPEncoder(nn.Module):
-    config: TowerConfig
-
-    @nn.compact
-    def __call__(self, hidden, mask):
-        cfg = self.config
-        stack = layer_stack(CLIPLayer, cfg.num_hidden_layers, {"config": cfg}, name="layers",
-                            scan=cfg.scan_layers, remat=cfg.remat)
-        return stack(hidden, mask)[0]
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -129,9 +110,9 @@ class CLIPTextTower(nn.Module):
         mask = causal_mask(length)
         if attention_mask is not None:
             mask = mask & padding_mask(attention_mask)
-        hidden = CLIPEncoder(cfg, name="encoder")(hidden, mask)
+        hidden = Encoder(CLIPLayer, "layers", cfg, name="encoder")(hidden, mask)
         hidden = deep_adapter(CLIPLayer, cfg, hidden, mask)
-        hidden = _layer_norm(cfg, "final_layer_norm")(hidden)
+        hidden = layer_norm(cfg, "final_layer_norm")(hidden)
         if cfg.pooling_mode == "eos":
             pooled = jnp.take_along_axis(
                 hidden, eos_positions(input_ids, cfg.eos_token_id)[:, None, None], axis=1)[:, 0]

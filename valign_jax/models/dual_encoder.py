@@ -2,7 +2,9 @@
 (and, for sigmoid recipes, a bias).
 
 Either tower may be a `FeaturesConfig`: precomputed features (SAIL's cached frozen-tower
-outputs) pass straight to the head. Submodule names follow HF's CLIPModel (`vision_model`, `text_model`, `visual_projection`,
+outputs) pass straight to the head.
+
+Submodule names follow HF's CLIPModel (`vision_model`, `text_model`, `visual_projection`,
 `text_projection`, `logit_scale`), so a CLIP checkpoint loads by name, whatever towers are used.
 `encode_image` / `encode_text` return projected features, not L2-normalised: the losses and
 metrics normalise where their formulas say so, and RaFA acts on the un-normalised features.

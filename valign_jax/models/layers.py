@@ -244,6 +244,32 @@ def layer_stack(layer_cls, num_layers: int, layer_kwargs: dict, *, name: str,
     return _Unrolled(layer, num_layers, tuple(layer_kwargs.items()), name=name)
 
 
+class Encoder(nn.Module):
+    """The tower's layer stack under HF's `encoder/` scope; `layers_name` is "layer" (BERT, ViT)
+    or "layers" (CLIP)."""
+
+    layer_cls: Any
+    layers_name: str
+    config: Any
+
+    @nn.compact
+    def __call__(self, hidden, mask):
+        cfg = self.config
+        stack = layer_stack(self.layer_cls, cfg.num_hidden_layers, {"config": cfg},
+                            name=self.layers_name, scan=cfg.scan_layers, remat=cfg.remat)
+        return stack(hidden, mask)[0]
+
+
+def dense(config, features: int, name: str) -> nn.Dense:
+    """A Dense in the tower's compute dtype with HF's N(0, initializer_range) init."""
+    return nn.Dense(features, dtype=config.compute_dtype, name=name,
+                    kernel_init=nn.initializers.normal(config.initializer_range))
+
+
+def layer_norm(config, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(config.layer_norm_eps, dtype=config.compute_dtype, name=name)
+
+
 def deep_adapter(layer_cls, config, hidden, mask):
     """LiLT's deep adapter: `config.deep_layers` fresh layers of the tower's own kind on top of
     its encoder, as `deep_adapter/<i>/...`. Call inside the tower's compact method."""

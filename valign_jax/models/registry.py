@@ -103,8 +103,10 @@ def overlay(params, pretrained, where: str = "params"):
 def scanned_layer_paths(module) -> tuple[tuple[str, ...], ...]:
     """Paths of the layer stacks `module` keeps scanned (stacked on a leading layer axis)."""
     if hasattr(module, "image_config"):  # a DualEncoder: one stack per tower
-        return (tuple(("vision_model",) + p for p in scanned_layer_paths(tower_for(module.image_config)))
-                + tuple(("text_model",) + p for p in scanned_layer_paths(tower_for(module.text_config))))
+        image = scanned_layer_paths(tower_for(module.image_config))
+        text = scanned_layer_paths(tower_for(module.text_config))
+        return (tuple(("vision_model",) + p for p in image)
+                + tuple(("text_model",) + p for p in text))
     return module.LAYER_PATHS if module.config.scan_layers else ()
 
 
@@ -130,8 +132,8 @@ def stack_layers(params, layer_paths, num_layers: int | None = None):
         n = len(layers)
         if num_layers is not None and n != num_layers:
             raise ValueError(f"{'/'.join(path)} holds {n} layers; the config says {num_layers}")
-        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray)
-                                         else jnp.stack(xs), *[layers[str(i)] for i in range(n)])
+        stack = lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)
+        stacked = jax.tree_util.tree_map(stack, *[layers[str(i)] for i in range(n)])
         params = _replaced(params, path, stacked)
     return params
 

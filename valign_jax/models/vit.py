@@ -21,10 +21,11 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from valign_jax.models.clip_text import CLIPEncoder, CLIPLayer
+from valign_jax.models.clip_text import CLIPLayer
 from valign_jax.models.config import TowerConfig
-from valign_jax.models.layers import (SelfAttention, activation, deep_adapter,
-                                      interpolate_patch_positions, layer_stack, maybe_adapter)
+from valign_jax.models.layers import (Encoder, SelfAttention, activation, deep_adapter,
+                                      dense, interpolate_patch_positions, layer_norm,
+                                      maybe_adapter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +125,7 @@ class _Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(self.features, dtype=self.config.compute_dtype,
-                        kernel_init=_init(self.config), name="dense")(x)
+        return dense(self.config, self.features, "dense")(x)
 
 
 class ViTAttention(nn.Module):
@@ -146,7 +146,7 @@ class ViTLayer(nn.Module):
     @nn.compact
     def __call__(self, hidden, mask):
         cfg = self.config
-        norm = lambda n: nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=n)
+        norm = lambda n: layer_norm(cfg, n)
         # LiLT's adapters for pre-LN layers: before each LayerNorm, inside the residual branch.
         branch = norm("layernorm_before")(maybe_adapter(cfg, hidden, "adapter_before"))
         hidden = hidden + ViTAttention(cfg, name="attention")(branch, mask)
@@ -154,17 +154,6 @@ class ViTLayer(nn.Module):
         inner = activation(cfg.hidden_act)(_Dense(cfg, cfg.intermediate_size,
                                                   name="intermediate")(branch))
         return hidden + _Dense(cfg, cfg.hidden_size, name="output")(inner), None
-
-
-class ViTEncoder(nn.Module):
-    config: ViTConfig
-
-    @nn.compact
-    def __call__(self, hidden):
-        cfg = self.config
-        stack = layer_stack(ViTLayer, cfg.num_hidden_layers, {"config": cfg}, name="layer",
-                            scan=cfg.scan_layers, remat=cfg.remat)
-        return stack(hidden, None)[0]
 
 
 class ViTTower(nn.Module):
@@ -177,9 +166,9 @@ class ViTTower(nn.Module):
     def __call__(self, pixel_values):
         cfg = self.config
         hidden = ViTEmbeddings(cfg, name="embeddings")(pixel_values)
-        hidden = ViTEncoder(cfg, name="encoder")(hidden)
+        hidden = Encoder(ViTLayer, "layer", cfg, name="encoder")(hidden, None)
         hidden = deep_adapter(ViTLayer, cfg, hidden, None)
-        hidden = nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.compute_dtype, name="layernorm")(hidden)
+        hidden = layer_norm(cfg, "layernorm")(hidden)
         pooler_out = None
         if cfg.add_pooling_layer:  # built whenever the checkpoint has one, so weights round-trip
             pooler_out = nn.tanh(_Dense(cfg, cfg.hidden_size, name="pooler")(hidden[:, 0]))
@@ -227,9 +216,9 @@ class CLIPVisionTower(nn.Module):
     @nn.compact
     def __call__(self, pixel_values):
         cfg = self.config
-        norm = lambda n: nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=n)
+        norm = lambda n: layer_norm(cfg, n)
         hidden = CLIPVisionEmbeddings(cfg, name="embeddings")(pixel_values)
         hidden = norm("pre_layrnorm")(hidden)
-        hidden = CLIPEncoder(cfg, name="encoder")(hidden, None)
+        hidden = Encoder(CLIPLayer, "layers", cfg, name="encoder")(hidden, None)
         hidden = deep_adapter(CLIPLayer, cfg, hidden, None)
         return {"last_hidden_state": hidden, "pooled": norm("post_layernorm")(hidden[:, 0])}
