@@ -48,18 +48,62 @@ def contrastive_objective(kind: str = "softmax", norm: str = "batch") -> Callabl
     return objective
 
 
+def clip_refine_objective(weights=(0.0, 1.0, 1.0), prior_std: float = 1.0,
+                          rafa_form: str = "official", alpha: float = 0.5,
+                          temperature: float = 1.0, hycd_features: str = "raw") -> Callable:
+    """CLIP-Refine: λ_clip·L_CLIP + λ_rafa·L_RaFA + λ_hycd·L_HyCD (METHODS.md §3).
+
+    RaFA's references r ~ N(0, prior_std² I) are drawn here, inside the step, from the step's
+    own rng: fresh every step, one per pair, shared by its image and text. Both RaFA and HyCD
+    see the un-normalised projected features; hycd_features="normalized" L2-normalises them for
+    HyCD instead. Needs the teacher's outputs in out["teacher"] (make_train_step's teacher).
+    """
+    clip_weight, rafa_weight, hycd_weight = weights
+
+    def objective(out, batch, rng):
+        del batch
+        z_img, z_txt = out["image"], out["text"]
+        teacher = out["teacher"]
+        t_img, t_txt = teacher["image"], teacher["text"]
+        unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+        img, txt = unit(z_img), unit(z_txt)
+        scale = jnp.exp(out["logit_scale"])
+        ref = losses.sample_rafa_reference(rng, z_img.shape[0], z_img.shape[-1], prior_std)
+        parts = {"rafa": losses.rafa(z_img, z_txt, ref, form=rafa_form)}
+        if hycd_features == "normalized":
+            z_img, z_txt, t_img, t_txt = img, txt, unit(t_img), unit(t_txt)
+        parts["hycd"] = losses.hycd(z_img, z_txt, t_img, t_txt, alpha, temperature)
+        parts["clip"] = losses.softmax_contrastive(img, txt, scale)
+        loss = clip_weight * parts["clip"] + rafa_weight * parts["rafa"] + hycd_weight * parts[
+            "hycd"]
+        metrics = losses.contrastive_metrics(img, txt, scale)
+        return loss, {**metrics, **{f"loss_{k}": v for k, v in parts.items()}}
+    return objective
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, labels,
                     objective: Callable, logit_preset: str | None = None):
-    """step(state, batch) -> (state, metrics); batch: pixel_values, input_ids, attention_mask."""
+    """step(state, batch[, teacher_params]) -> (state, metrics).
 
-    def step(state: TrainState, batch):
+    batch: pixel_values, input_ids, attention_mask. teacher_params (CLIP-Refine's HyCD): a
+    frozen copy of the initial parameters or another checkpoint's, passed in each call rather
+    than held in the state, so it has no optimizer state and is never differentiated; its
+    outputs reach the objective as out["teacher"].
+    """
+
+    def step(state: TrainState, batch, teacher_params=None):
         rng, step_rng = jax.random.split(state.rng)
         trainable, frozen = peft.split(state.params, labels)
         frozen = jax.lax.stop_gradient(frozen)
+        inputs = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        teacher_out = None
+        if teacher_params is not None:
+            teacher_out = model.apply({"params": jax.lax.stop_gradient(teacher_params)}, *inputs)
 
         def loss_fn(trainable):
-            out = model.apply({"params": peft.merge(trainable, frozen)}, batch["pixel_values"],
-                              batch["input_ids"], batch["attention_mask"])
+            out = model.apply({"params": peft.merge(trainable, frozen)}, *inputs)
+            if teacher_out is not None:
+                out = {**out, "teacher": teacher_out}
             return objective(out, batch, step_rng)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
