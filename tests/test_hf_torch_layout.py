@@ -36,6 +36,16 @@ def test_vit_and_interpolated_positions(torch_fixture):
     assert max_diff(out48["last_hidden_state"], ref["last_hidden_state_48"]) <= TOL
 
 
+def test_position_table_resized_at_load_for_another_image_size(torch_fixture):
+    """image_size=48 on a 32-px checkpoint stores the table for 48 px (as LiLT keeps DeiT's at
+    256 px): the output equals HF's run-time interpolation."""
+    path, ref = torch_fixture("vit")
+    tower, params = hf.load_tower(path, image_size=48)
+    assert params["embeddings"]["position_embeddings"].shape == (1, 1 + 6 * 6, 32)
+    out = tower.apply({"params": params}, ref["pixel_values_48"])
+    assert max_diff(out["last_hidden_state"], ref["last_hidden_state_48"]) <= TOL
+
+
 def test_vit_classifier_checkpoint_has_prefix_and_no_pooler(torch_fixture):
     path, ref = torch_fixture("vit_classifier")
     tower, params = hf.load_tower(path)

@@ -21,13 +21,14 @@ from valign_jax.models.config import TowerConfig
 from valign_jax.models.layers import make_head
 from valign_jax.models.registry import dummy_inputs, is_text, tower_for
 
+
 class DualEncoder(nn.Module):
     image_config: TowerConfig
     text_config: TowerConfig
     projection_dim: int = 512
     image_head: str = "linear"
     text_head: str = "linear"
-    head_bias: bool = False                  # CLIP: no bias; LiLT: Linear with bias
+    head_bias: bool = False                  # CLIP and LiLT (Table 3 counts): no bias
     logit_scale_init: float = math.log(1 / 0.07)
     logit_bias_init: float | None = None     # set for sigmoid recipes (SigLIP: -10)
 
