@@ -109,13 +109,22 @@ def test_position_interpolation_matches_numpy_bicubic(side, grid):
     np.testing.assert_allclose(ours, ref.reshape(-1, 3), atol=1e-5)
 
 
-def test_vit_224_checkpoint_runs_at_256(tmp_path):
-    """A 224-px / patch-16 ViT (as LiLT's DeiT-B) runs at 256 px: 16x16 patches, and its position
-    table is the 14x14 one interpolated."""
+def test_vit_224_checkpoint_runs_at_256():
+    """A 224-px / patch-16 ViT (as LiLT's DeiT-B) run at 256 px equals the same network built for
+    256 px whose 16x16 position table was resized by the independent NumPy bicubic above."""
     from valign_jax.models import ViTConfig, ViTTower
     config = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=32, image_size=224, patch_size=16)
     tower = ViTTower(config)
     params = jax.jit(tower.init)(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))["params"]
-    out = jax.jit(tower.apply)({"params": params}, jnp.zeros((1, 256, 256, 3)))
-    assert out["last_hidden_state"].shape == (1, 1 + 16 * 16, 16)
+    x = np.random.RandomState(0).uniform(-1, 1, (2, 256, 256, 3)).astype(np.float32)
+    out = jax.jit(tower.apply)({"params": params}, x)["last_hidden_state"]
+    assert out.shape == (2, 1 + 16 * 16, 16)
+
+    table = np.asarray(params["embeddings"]["position_embeddings"][0], np.float64)
+    resized = numpy_bicubic(table[1:].reshape(14, 14, 16), 16, 16).reshape(256, 16)
+    params256 = jax.tree_util.tree_map(lambda a: a, params)
+    params256["embeddings"] = {**params["embeddings"], "position_embeddings": jnp.asarray(
+        np.concatenate([table[:1], resized])[None], jnp.float32)}
+    reference = jax.jit(ViTTower(config.replace(image_size=256)).apply)({"params": params256}, x)
+    np.testing.assert_allclose(out, reference["last_hidden_state"], atol=1e-5)

@@ -141,10 +141,9 @@ def checkpoint_key(path: tuple[str, ...], layout: str, prefix: str = "") -> str:
 
 def _is_position_table(path, value, spec) -> bool:
     """A ViT / CLIP-vision position table stored for another image size (same width)."""
-    name = "/".join(path)
-    return (name in ("embeddings/position_embeddings", "embeddings/position_embedding/embedding")
-            or name.endswith(("vision_model/embeddings/position_embedding/embedding",)))\
-        and value.shape[-1] == spec.shape[-1] and value.ndim == len(spec.shape)
+    is_table = "/".join(path).endswith(("embeddings/position_embeddings",          # ViT
+                                        "embeddings/position_embedding/embedding"))  # CLIP
+    return is_table and value.ndim == len(spec.shape) and value.shape[-1] == spec.shape[-1]
 
 
 def _resize_position_table(value: np.ndarray, shape) -> np.ndarray:

@@ -30,12 +30,15 @@ def create_state(params, optimizer: optax.GradientTransformation, rng) -> TrainS
                       opt_state=optimizer.init(params), rng=rng)
 
 
+def _unit(x):
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
 def contrastive_objective(kind: str = "softmax", norm: str = "batch") -> Callable:
     """(outputs, batch, rng) -> (loss, metrics) for the softmax or sigmoid loss."""
     def objective(out, batch, rng):
         del batch, rng
-        img = out["image"] / jnp.linalg.norm(out["image"], axis=-1, keepdims=True)
-        txt = out["text"] / jnp.linalg.norm(out["text"], axis=-1, keepdims=True)
+        img, txt = _unit(out["image"]), _unit(out["text"])
         scale = jnp.exp(out["logit_scale"])
         bias = out.get("logit_bias")
         if kind == "softmax":
@@ -65,13 +68,12 @@ def clip_refine_objective(weights=(0.0, 1.0, 1.0), prior_std: float = 1.0,
         z_img, z_txt = out["image"], out["text"]
         teacher = out["teacher"]
         t_img, t_txt = teacher["image"], teacher["text"]
-        unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-        img, txt = unit(z_img), unit(z_txt)
+        img, txt = _unit(z_img), _unit(z_txt)
         scale = jnp.exp(out["logit_scale"])
         ref = losses.sample_rafa_reference(rng, z_img.shape[0], z_img.shape[-1], prior_std)
         parts = {"rafa": losses.rafa(z_img, z_txt, ref, form=rafa_form)}
         if hycd_features == "normalized":
-            z_img, z_txt, t_img, t_txt = img, txt, unit(t_img), unit(t_txt)
+            z_img, z_txt, t_img, t_txt = img, txt, _unit(t_img), _unit(t_txt)
         parts["hycd"] = losses.hycd(z_img, z_txt, t_img, t_txt, alpha, temperature)
         parts["clip"] = losses.softmax_contrastive(img, txt, scale)
         loss = clip_weight * parts["clip"] + rafa_weight * parts["rafa"] + hycd_weight * parts[
