@@ -1,0 +1,103 @@
+"""Evaluation during training: embed a held-out split once per call and report retrieval,
+zero-shot and geometry metrics under DESIGN.md's names (`retrieval/i2t_r1`, ...).
+
+Features are computed on the mesh with the training shardings (no gathering of parameters to
+one device); the batch is padded to a fixed size so each encoder compiles once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from valign_jax import sharding
+from valign_jax.evaluation import geometry, retrieval, zeroshot
+
+
+class FeatureEncoder:
+    """Jitted encode_image / encode_text over padded, sharded batches."""
+
+    def __init__(self, model, mesh, param_shardings, batch_size: int):
+        self.mesh, self.batch_size = mesh, batch_size
+        sharding.check_batch_size(batch_size, mesh, "config.eval.batch_size")
+        batch_sh, out_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+        def image_fn(params, pixel_values):
+            return model.apply({"params": params}, pixel_values, method=model.encode_image)
+
+        def text_fn(params, input_ids, attention_mask):
+            return model.apply({"params": params}, input_ids, attention_mask,
+                               method=model.encode_text)
+        self._image = jax.jit(image_fn, in_shardings=(param_shardings, batch_sh),
+                              out_shardings=out_sh)
+        self._text = jax.jit(text_fn, in_shardings=(param_shardings, batch_sh, batch_sh),
+                             out_shardings=out_sh)
+
+    def _run(self, fn, params, arrays: dict) -> np.ndarray:
+        n = len(next(iter(arrays.values())))
+        count, index = jax.process_count(), jax.process_index()
+        outputs = []
+        for start in range(0, n, self.batch_size):
+            chunk = {k: v[start:start + self.batch_size] for k, v in arrays.items()}
+            rows = len(next(iter(chunk.values())))
+            pad = self.batch_size - rows
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v
+                     for k, v in chunk.items()}
+            # Every process holds the whole batch; each passes its own slice of it.
+            local = self.batch_size // count
+            chunk = {k: v[index * local:(index + 1) * local] for k, v in chunk.items()}
+            out = fn(params, *sharding.global_batch(chunk, self.mesh).values())
+            outputs.append(np.asarray(jax.device_get(out), np.float32)[:rows])
+        return np.concatenate(outputs)
+
+    def images(self, params, pixel_values: np.ndarray) -> np.ndarray:
+        return self._run(self._image, params, {"pixel_values": pixel_values})
+
+    def texts(self, params, tokens: dict) -> np.ndarray:
+        return self._run(self._text, params, {"input_ids": tokens["input_ids"],
+                                              "attention_mask": tokens["attention_mask"]})
+
+
+class HeldOutEvaluator:
+    """Retrieval and geometry on a held-out split, zero-shot over its class names.
+
+    Retrieval counts a retrieved caption (image) as a hit when its text equals the query's own
+    caption: several images of a synthetic split can share one caption.
+    """
+
+    def __init__(self, encoder: FeatureEncoder, records: Sequence[dict], collate,
+                 class_names: Sequence[str] = (), templates: Sequence[str] = ("{}",),
+                 zeroshot_name: str = "synthetic"):
+        self.encoder = encoder
+        batch = collate(list(records))
+        self.pixel_values = batch["pixel_values"]
+        self.tokens = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        self.captions = np.asarray([r["caption"] for r in records])
+        self.labels = np.asarray([r.get("label", -1) for r in records])
+        self.class_names, self.templates = list(class_names), list(templates)
+        self.prompts = collate.tokenizer([t.format(c) for c in self.class_names
+                                          for t in self.templates]) if class_names else None
+        self.zeroshot_name = zeroshot_name
+
+    def __call__(self, params) -> dict[str, float]:
+        img = self.encoder.images(params, self.pixel_values)
+        txt = self.encoder.texts(params, self.tokens)
+        metrics = {f"retrieval/{k}": v for k, v in retrieval.retrieval_metrics(
+            img, txt, self.captions, self.captions).items()}
+        metrics.update({f"geometry/{k}": v for k, v in
+                        geometry.geometry_metrics(img, txt).items()})
+        if self.prompts is not None:
+            classes = zeroshot.class_embeddings(self.encoder.texts(params, self.prompts),
+                                                len(self.class_names), len(self.templates))
+            metrics.update({f"zeroshot/{self.zeroshot_name}/{k}": v for k, v in
+                            zeroshot.zeroshot_metrics(img, classes, self.labels).items()})
+        return metrics
+
+
+def eval_batch_size(requested: int, mesh) -> int:
+    """The requested eval batch, rounded up to a multiple of the data-parallel size."""
+    parallel = math.lcm(sharding.data_parallel_size(mesh), jax.process_count())
+    return -(-requested // parallel) * parallel
