@@ -12,19 +12,20 @@ import ml_collections
 MODIFIERS = ("demo",)
 
 
-def parse_arg(arg: str | None, variants, default: str, recipe_file: str):
+def parse_arg(arg: str | None, variants, default: str, recipe_file: str,
+              modifiers=MODIFIERS):
     """(variant, set of modifiers); unknown tokens fail listing the valid ones."""
     tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-    variant, modifiers = default, set()
+    variant, chosen = default, set()
     for token in tokens:
-        if token in MODIFIERS:
-            modifiers.add(token)
+        if token in modifiers:
+            chosen.add(token)
         elif token in variants:
             variant = token
         else:
             raise ValueError(f"{recipe_file}: unknown config argument {token!r}; variants: "
-                             f"{sorted(variants)}; modifiers: {list(MODIFIERS)}")
-    return variant, modifiers
+                             f"{sorted(variants)}; modifiers: {list(modifiers)}")
+    return variant, chosen
 
 
 def tower(preset: str, checkpoint: str = "", **fields) -> ml_collections.ConfigDict:
@@ -44,6 +45,44 @@ def tower(preset: str, checkpoint: str = "", **fields) -> ml_collections.ConfigD
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.pretrain = ""              # a config string trained first into <workdir>/pretrain; this
+                                 # run then starts from its result (the CLIP-Refine demo)
+    c.batch_size = 512           # global: the losses see negatives from every device
+    c.num_epochs = 1.0
+    c.total_steps = 0            # > 0 overrides num_epochs
+    c.log_every = 50
+    c.eval_every = 1000
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1, fsdp=1,         # device mesh axes; -1 takes the remaining devices
+        min_fsdp_size=2 ** 14,   # arrays smaller than this stay replicated on the fsdp axis
+    ))
+    c.objective = ml_collections.ConfigDict(dict(
+        kind="softmax",          # softmax | sigmoid | clip_refine
+        norm="batch",            # sigmoid: "batch" (SigLIP, sum / B) or "pairs" (SAIL, / B^2)
+        multi_positive=False,    # sigmoid with the long caption as a second positive (SAIL)
+        chunked=False,           # sigmoid: ring-chunked across devices (losses.chunked_sigmoid)
+        clip_refine=ml_collections.ConfigDict(dict(
+            weights=(0.0, 1.0, 1.0),   # lambda for (CLIP, RaFA, HyCD)
+            prior_std=1.0,             # RaFA references r ~ N(0, prior_std^2 I)
+            rafa_form="official",      # "official" (mean over i, d) or "paper" (= official x D/2)
+            alpha=0.5, temperature=1.0,
+            hycd_features="raw",       # "raw" (official code) or "normalized"
+        )),
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        train="tfds:coco_captions/train", eval="tfds:coco_captions/test",
+        num_train=50_000, num_eval=512,  # synthetic sources only: how many examples
+        seed=0,
+        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),  # pixels -> [-1, 1]
+        lower_case=False,
+        threads=2,
+    ))
+    c.eval = ml_collections.ConfigDict(dict(
+        zeroshot="",             # a zero-shot dataset reported at every evaluation
+        batch_size=256,
+    ))
     c.model = ml_collections.ConfigDict(dict(
         image=tower("vit_b16"),
         text=tower("bert_base"),
@@ -56,6 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",         # compute dtype; parameters stay float32
         scan_layers=False,
         remat="none",
+        init_from="",            # a full CLIP checkpoint or a previous run's workdir
+        logit_scale_init=None,   # None: the logit preset's init
     ))
     c.peft = ml_collections.ConfigDict(dict(
         recipe="full",           # peft.RECIPES
@@ -63,6 +104,34 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.optim = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-4, warmup_init_lr=1e-5, end_lr=1e-5, warmup_steps=1000,
+        warmup_fraction=0.0,     # > 0: the warm-up lasts this fraction of the run instead
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.02, grad_clip_norm=0.0,
     ))
+    return c
+
+
+def demo(c: ml_collections.ConfigDict, steps: int, batch_size: int = 64,
+         lr: float = 1e-3) -> ml_collections.ConfigDict:
+    """The `demo` modifier's shared part: embedded synthetic data, a short run, frequent
+    evaluation. Each recipe picks its tiny towers itself."""
+    c.data.train = c.data.eval = c.eval.zeroshot = "synthetic:shapes"
+    c.data.num_train, c.data.num_eval = 20_000, 512
+    c.batch_size = batch_size
+    c.total_steps = steps
+    c.log_every = 25
+    c.eval_every = c.checkpoint_every = max(steps // 4, 1)
+    c.eval.batch_size = 256
+    c.optim.lr, c.optim.warmup_init_lr, c.optim.end_lr = lr, lr / 10, lr / 10
+    c.optim.warmup_steps = max(steps // 10, 1)
+    return c
+
+
+def demo_towers(c: ml_collections.ConfigDict, image: str = "clip_tiny_vision",
+                text: str = "clip_tiny_text", projection_dim: int = 64, **fields):
+    """Tiny towers without checkpoints (32 px images, 16-token captions)."""
+    image_fields = {k[6:]: v for k, v in fields.items() if k.startswith("image_")}
+    text_fields = {k[5:]: v for k, v in fields.items() if k.startswith("text_")}
+    c.model.image = tower(image, **{"image_size": 32, **image_fields})
+    c.model.text = tower(text, **{"max_length": 16, **text_fields})
+    c.model.projection_dim = projection_dim
     return c

@@ -52,10 +52,15 @@ def get_config(arg=None):
     c.peft.recipe = recipe
     (c.model.image.adapter_dim, c.model.text.adapter_dim) = adapters
     (c.model.image.deep_layers, c.model.text.deep_layers) = deep
+    # COCO, 15 epochs of batch 512 (LiLT §4)
+    c.data.train, c.data.eval = "tfds:coco_captions/train", "tfds:coco_captions/test"
+    c.batch_size, c.num_epochs = 512, 15
+    c.optim.update(name="adamw", lr=1e-4, warmup_init_lr=1e-5, end_lr=1e-5, warmup_steps=1000,
+                   weight_decay=0.02)
     if "demo" in modifiers:
-        c.model.image = common.tower("vit_tiny", image_size=32, pooling="cls",
-                                     adapter_dim=adapters[0] and 16, deep_layers=deep[0])
-        c.model.text = common.tower("bert_tiny", pooling="cls", max_length=16,
-                                    adapter_dim=adapters[1] and 16, deep_layers=deep[1])
-        c.model.projection_dim = 64
+        common.demo_towers(c, "vit_tiny", "bert_tiny", image_pooling="cls",
+                           image_adapter_dim=adapters[0] and 16, image_deep_layers=deep[0],
+                           text_pooling="cls", text_adapter_dim=adapters[1] and 16,
+                           text_deep_layers=deep[1])
+        common.demo(c, steps=600, lr=3e-3)
     return c

@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 
@@ -118,17 +119,19 @@ def sigmoid(img, txt, scale, bias, norm: str = "batch", txt_extra=None):
     return loss
 
 
-def chunked_sigmoid(img, txt, scale, bias, *, mesh: Mesh, axis_name: str = "data",
+def chunked_sigmoid(img, txt, scale, bias, *, mesh: Mesh, axis_name="data",
                     norm: str = "batch", txt_extra=None):
     """`sigmoid` computed block by block around a ring, never holding the B×B matrix.
 
-    img/txt (and txt_extra) are global (B, D) arrays sharded on the batch dim over `axis_name`.
+    img/txt (and txt_extra) are global (B, D) arrays sharded on the batch dim over `axis_name`
+    (one mesh axis, or a tuple of axes the batch is split over together, e.g. ("data", "fsdp")).
     Device k keeps its image block; the text blocks move one device along the ring per step
     (n−1 `ppermute`s), so every device meets every text block once. Only the first step, where
     device k holds its own text block, has positives. Each device's scalar sum is `psum`-ed.
     Value and gradients equal `sigmoid` (ppermute's transpose is the reverse permutation).
     """
-    n = mesh.shape[axis_name]
+    axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    n = int(np.prod([mesh.shape[a] for a in axes]))
     batch = img.shape[0]
     if batch % n:
         raise ValueError(f"batch {batch} is not divisible by the {n} devices on {axis_name!r}")

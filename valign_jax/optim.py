@@ -24,8 +24,14 @@ def decay_mask(params):
 
 
 def learning_rate(optim_cfg, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from `warmup_init_lr` to `lr`, then cosine to `end_lr` (LiLT, SAIL)."""
-    warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
+    """Linear warm-up from `warmup_init_lr` to `lr`, then cosine to `end_lr` (LiLT, SAIL).
+
+    The warm-up lasts `warmup_steps`, or `warmup_fraction` of the run when that is set (SAIL).
+    """
+    steps = optim_cfg.warmup_steps
+    if optim_cfg.get("warmup_fraction"):
+        steps = round(optim_cfg.warmup_fraction * total_steps)
+    warmup = min(steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=optim_cfg.warmup_init_lr, peak_value=optim_cfg.lr, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=optim_cfg.end_lr)

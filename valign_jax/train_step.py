@@ -34,8 +34,18 @@ def _unit(x):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def contrastive_objective(kind: str = "softmax", norm: str = "batch") -> Callable:
-    """(outputs, batch, rng) -> (loss, metrics) for the softmax or sigmoid loss."""
+def contrastive_objective(kind: str = "softmax", norm: str = "batch", mesh=None,
+                          batch_axes=("data", "fsdp")) -> Callable:
+    """(outputs, batch, rng) -> (loss, metrics) for the softmax or sigmoid loss.
+
+    With a second caption per image (out["text_long"], SAIL's long captions) the sigmoid loss
+    is multi-positive: ½ (ℓ(x, y) + ℓ(x, ỹ)). Given a mesh, the sigmoid loss is the
+    ring-chunked one: no device ever holds the whole B×B logit matrix.
+    """
+    if kind not in ("softmax", "sigmoid"):
+        raise ValueError(f"config.objective.kind={kind!r}; expected 'softmax', 'sigmoid' or "
+                         f"'clip_refine'")
+
     def objective(out, batch, rng):
         del batch, rng
         img, txt = _unit(out["image"]), _unit(out["text"])
@@ -43,10 +53,13 @@ def contrastive_objective(kind: str = "softmax", norm: str = "batch") -> Callabl
         bias = out.get("logit_bias")
         if kind == "softmax":
             loss = losses.softmax_contrastive(img, txt, scale)
-        elif kind == "sigmoid":
-            loss = losses.sigmoid(img, txt, scale, bias, norm=norm)
         else:
-            raise ValueError(f"objective {kind!r}; expected 'softmax' or 'sigmoid'")
+            extra = _unit(out["text_long"]) if "text_long" in out else None
+            if mesh is None:
+                loss = losses.sigmoid(img, txt, scale, bias, norm=norm, txt_extra=extra)
+            else:
+                loss = losses.chunked_sigmoid(img, txt, scale, bias, mesh=mesh,
+                                              axis_name=batch_axes, norm=norm, txt_extra=extra)
         return loss, losses.contrastive_metrics(img, txt, scale, bias)
     return objective
 
@@ -87,7 +100,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, labels,
                     objective: Callable, logit_preset: str | None = None):
     """step(state, batch[, teacher_params]) -> (state, metrics).
 
-    batch: pixel_values, input_ids, attention_mask. teacher_params (CLIP-Refine's HyCD): a
+    batch: pixel_values, input_ids, attention_mask; optionally long_input_ids and
+    long_attention_mask (a second caption per image, encoded as out["text_long"]). teacher_params (CLIP-Refine's HyCD): a
     frozen copy of the initial parameters or another checkpoint's, passed in each call rather
     than held in the state, so it has no optimizer state and is never differentiated; its
     outputs reach the objective as out["teacher"].
@@ -103,7 +117,12 @@ def make_train_step(model, optimizer: optax.GradientTransformation, labels,
             teacher_out = model.apply({"params": jax.lax.stop_gradient(teacher_params)}, *inputs)
 
         def loss_fn(trainable):
-            out = model.apply({"params": peft.merge(trainable, frozen)}, *inputs)
+            params = {"params": peft.merge(trainable, frozen)}
+            out = model.apply(params, *inputs)
+            if "long_input_ids" in batch:
+                out["text_long"] = model.apply(params, batch["long_input_ids"],
+                                               batch["long_attention_mask"],
+                                               method=model.encode_text)
             if teacher_out is not None:
                 out = {**out, "teacher": teacher_out}
             return objective(out, batch, step_rng)

@@ -7,13 +7,20 @@ reads nothing and uses the preset).
 
 from __future__ import annotations
 
+import dataclasses
+
 from valign_jax import losses
 from valign_jax.models.dual_encoder import DualEncoder
 from valign_jax.models.presets import preset
+from valign_jax.models.registry import TOWERS
+
+_CONFIG_TYPES = {cls.__name__: cls for cls in TOWERS}
+_HEAD_FIELDS = ("projection_dim", "image_head", "text_head", "head_bias", "logit_scale_init",
+                "logit_bias_init")
 
 
-def tower_config(tower_cfg, model_cfg, side: str, use_checkpoint_config: bool):
-    """A tower config from one `config.model.image|text` entry; side is "image" or "text"."""
+def _overrides(tower_cfg, model_cfg, side: str) -> dict:
+    """Run options and shape overrides the config sets on one tower."""
     overrides = dict(dtype=model_cfg.dtype, scan_layers=model_cfg.scan_layers,
                      remat=model_cfg.remat, adapter_init=model_cfg.adapter_init,
                      adapter_dim=tower_cfg.adapter_dim, deep_layers=tower_cfg.deep_layers)
@@ -21,20 +28,46 @@ def tower_config(tower_cfg, model_cfg, side: str, use_checkpoint_config: bool):
         overrides["pooling"] = tower_cfg.pooling
     if side == "image" and tower_cfg.image_size:
         overrides["image_size"] = tower_cfg.image_size
+    return overrides
+
+
+def _clip_part(hf_config: dict, side: str):
+    """Which half of a full CLIP checkpoint a tower reads (None for single-tower checkpoints)."""
+    if hf_config.get("model_type") != "clip":
+        return None
+    return "vision" if side == "image" else "text"
+
+
+def tower_config(tower_cfg, model_cfg, side: str, use_checkpoint_config: bool):
+    """A tower config from one `config.model.image|text` entry; side is "image" or "text"."""
+    overrides = _overrides(tower_cfg, model_cfg, side)
     if tower_cfg.checkpoint and use_checkpoint_config:
         from valign_jax import hf
         directory = hf.resolve(tower_cfg.checkpoint)
         hf_config = hf.read_config(directory)
-        part = ("vision" if side == "image" else "text") if hf_config.get("model_type") == "clip" \
-            else None
-        config, _ = hf.tower_config(hf_config, part, source=str(directory / "config.json"),
-                                    **overrides)
+        config, _ = hf.tower_config(hf_config, _clip_part(hf_config, side),
+                                    source=str(directory / "config.json"), **overrides)
         return config
     return preset(tower_cfg.preset, **overrides)
 
 
+def pretrained_towers(model_cfg) -> dict:
+    """{"vision_model": params, "text_model": params} for the towers that name a checkpoint."""
+    from valign_jax import hf
+    out = {}
+    for side, name in (("image", "vision_model"), ("text", "text_model")):
+        tower_cfg = model_cfg[side]
+        if tower_cfg.checkpoint:
+            directory = hf.resolve(tower_cfg.checkpoint)
+            part = _clip_part(hf.read_config(directory), side)
+            _, out[name] = hf.load_tower(directory, part,
+                                         **_overrides(tower_cfg, model_cfg, side))
+    return out
+
+
 def build_dual_encoder(model_cfg, use_checkpoint_config: bool = True) -> DualEncoder:
     logit = losses.LOGIT_SCALE_PRESETS[model_cfg.logit_preset]
+    init_log_scale = model_cfg.get("logit_scale_init")
     return DualEncoder(
         image_config=tower_config(model_cfg.image, model_cfg, "image", use_checkpoint_config),
         text_config=tower_config(model_cfg.text, model_cfg, "text", use_checkpoint_config),
@@ -42,6 +75,27 @@ def build_dual_encoder(model_cfg, use_checkpoint_config: bool = True) -> DualEnc
         image_head=model_cfg.image_head,
         text_head=model_cfg.text_head,
         head_bias=model_cfg.head_bias,
-        logit_scale_init=logit.init_log_scale,
+        logit_scale_init=logit.init_log_scale if init_log_scale is None else init_log_scale,
         logit_bias_init=logit.init_bias,
     )
+
+
+def describe(model: DualEncoder) -> dict:
+    """The model's full architecture as JSON-able data (written to <workdir>/model.json)."""
+    def tower(config):
+        return {"type": type(config).__name__, **dataclasses.asdict(config)}
+    return {"image_config": tower(model.image_config), "text_config": tower(model.text_config),
+            **{name: getattr(model, name) for name in _HEAD_FIELDS}}
+
+
+def from_description(description: dict, source: str = "model.json") -> DualEncoder:
+    """The inverse of `describe`."""
+    def tower(entry):
+        entry = dict(entry)
+        kind = entry.pop("type", None)
+        if kind not in _CONFIG_TYPES:
+            raise ValueError(f"{source}: unknown tower type {kind!r}; known: {sorted(_CONFIG_TYPES)}")
+        return _CONFIG_TYPES[kind](**entry)
+    heads = {name: description[name] for name in _HEAD_FIELDS if name in description}
+    return DualEncoder(tower(description["image_config"]), tower(description["text_config"]),
+                       **heads)

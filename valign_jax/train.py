@@ -1,0 +1,167 @@
+"""`train_and_evaluate(config, workdir)`: the one training loop every recipe runs.
+
+A recipe is a config (configs/*.py): which towers and heads, which parameters train (peft), the
+objective, the optimizer and the data. This loop does the same thing for all of them:
+
+  build the model and its parameters (fresh, from tower checkpoints, or from a previous run)
+  -> place parameters and optimizer state on the mesh -> resume from the workdir's latest
+  checkpoint if there is one -> train, logging to clu writers, evaluating every eval_every steps
+  into metrics.jsonl, checkpointing every checkpoint_every steps -> final evaluation + checkpoint.
+
+Rerunning the same command in the same workdir resumes (step, parameters, optimizer state, rng
+and the data iterator's position), so a resumed run ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import logging
+
+from valign_jax import checkpointing, optim, peft, sharding
+from valign_jax.data import pipeline
+from valign_jax.evaluation.evaluator import FeatureEncoder, HeldOutEvaluator, eval_batch_size
+from valign_jax.run_setup import (MetricsLog, build_model, initial_params, load_config,
+                                  make_objective, prepare_workdir, write_run_files)
+from valign_jax.train_step import create_state, make_train_step
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Train per `config` in `workdir`; returns the final evaluation's metrics."""
+    workdir = prepare_workdir(workdir)
+    if config.get("pretrain"):
+        config = _run_pretrain_stage(config, workdir)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    sharding.check_batch_size(config.batch_size, mesh)
+    model = build_model(config)
+    write_run_files(workdir, config, model)
+
+    # Data: the training stream, the held-out split, the tokenizer every caption goes through.
+    image_size = model.image_config.image_size
+    tokenizer = pipeline.make_tokenizer(config.model.text, config.data.lower_case)
+    collate = pipeline.Collate(tokenizer, config.data.image_mean, config.data.image_std,
+                               multi_positive=config.objective.multi_positive)
+    train_source = pipeline.make_source(config.data.train, "train", config.data, image_size,
+                                        "config.data.train")
+    total_steps = config.total_steps or math.ceil(
+        config.num_epochs * len(train_source) / config.batch_size)
+    train_iter = iter(pipeline.train_dataset(train_source, collate, config.batch_size,
+                                             config.seed, config.data.threads))
+
+    # Parameters, which of them train, the optimizer, and where each array lives on the mesh.
+    abstract_params = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs()))["params"]
+    labels = peft.make_labels(abstract_params, config.peft.recipe, config.peft.overrides)
+    optimizer = optim.make_optimizer(config.optim, labels, total_steps)
+    param_sh = sharding.tree_shardings(abstract_params, mesh, config.mesh.min_fsdp_size)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract_state = jax.eval_shape(lambda p: create_state(p, optimizer, rng), abstract_params)
+    state_sh = sharding.tree_shardings(abstract_state, mesh, config.mesh.min_fsdp_size)
+    report = peft.report(abstract_params, labels)
+    logging.info("parameters:\n%s", report)
+    (workdir / "parameters.txt").write_text(report + "\n") if jax.process_index() == 0 else None
+
+    checkpoints = checkpointing.Checkpoints(workdir, config.keep_checkpoints,
+                                            pipeline.iterator_handler())
+    start = checkpoints.latest_step() or 0
+    teacher = None
+    if start == 0 or config.objective.kind == "clip_refine":
+        params = initial_params(config, model, abstract_params, param_sh, workdir)
+        if config.objective.kind == "clip_refine":
+            teacher = params  # CLIP-Refine's HyCD teacher: the frozen initial model
+    init_state = jax.jit(lambda p: create_state(p, optimizer, rng), in_shardings=(param_sh,),
+                         out_shardings=state_sh)
+    if start:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_state, state_sh)
+        state = checkpoints.restore(start, target, pipeline.iterator_restore_args(train_iter))
+        logging.info("resumed from %s at step %d", checkpoints.directory, start)
+    else:
+        state = init_state(params)
+
+    step_fn = make_train_step(model, optimizer, labels, make_objective(config.objective, mesh),
+                              config.model.logit_preset)
+    batch_sh, out_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    if teacher is None:
+        train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                             out_shardings=(state_sh, out_sh), donate_argnums=(0,))
+    else:
+        train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, param_sh),
+                             out_shardings=(state_sh, out_sh), donate_argnums=(0,))
+
+    evaluator = _make_evaluator(config, model, mesh, param_sh, collate, image_size)
+    log = MetricsLog(workdir, config, total_steps)
+    if start == 0:
+        log.write(0, evaluator(state.params))
+
+    pending, previous = [], None
+    for step in range(start, total_steps):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            batch = sharding.global_batch(next(train_iter), mesh)
+            args = (state, batch) if teacher is None else (state, batch, teacher)
+            state, metrics = train_step(*args)
+        pending.append(metrics)
+        if previous is not None:  # one step behind, so the device never waits for the host
+            _check_finite(*previous, checkpoints)
+        previous = (step + 1, metrics)
+        log.progress(step + 1)
+        done = step + 1 == total_steps
+        if (step + 1) % config.log_every == 0 or done:
+            _check_finite(*previous, checkpoints)
+            log.train_metrics(step + 1, pending)
+            pending = []
+        if (step + 1) % config.checkpoint_every == 0 or done:
+            _check_finite(*previous, checkpoints)
+            checkpoints.save(step + 1, state, pipeline.iterator_save_args(train_iter))
+        if (step + 1) % config.eval_every == 0 or done:
+            log.write(step + 1, evaluator(state.params))
+    checkpoints.wait()
+    checkpoints.close()
+    log.close()
+    return log.last
+
+
+def _check_finite(step: int, metrics: dict, checkpoints) -> None:
+    """Stop the run at the first non-finite loss or gradient; saved checkpoints stay intact."""
+    values = {k: float(metrics[k]) for k in ("loss", "grad_norm")}
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    checkpoints.wait()
+    last = checkpoints.latest_step()
+    raise FloatingPointError(
+        f"non-finite training values at step {step}: {values}. The run stopped; the last good "
+        f"checkpoint is " + (f"step {last} in {checkpoints.directory}" if last else "none (it "
+        f"failed before the first checkpoint)") + ". Lower config.optim.lr or set "
+        f"config.optim.grad_clip_norm, then rerun to resume from it.")
+
+
+def _make_evaluator(config, model, mesh, param_sh, collate, image_size: int):
+    source = pipeline.make_source(config.data.eval, "eval", config.data, image_size,
+                                  "config.data.eval")
+    records = [source[i] for i in range(len(source))]
+    class_names, templates = (), ("{}",)
+    if config.eval.zeroshot:
+        if config.eval.zeroshot != "synthetic:shapes":
+            raise ValueError(f"config.eval.zeroshot={config.eval.zeroshot!r}: only "
+                             f"'synthetic:shapes' is supported during training so far")
+        from valign_jax.data import synthetic
+        class_names, templates = synthetic.CLASS_NAMES, synthetic.ZEROSHOT_TEMPLATES
+    encoder = FeatureEncoder(model, mesh, param_sh, eval_batch_size(config.eval.batch_size, mesh))
+    return HeldOutEvaluator(encoder, records, collate, class_names, templates)
+
+
+def _run_pretrain_stage(config, workdir: Path):
+    """Train `config.pretrain` (a config string) into <workdir>/pretrain first, then start this
+    run from its result: how the CLIP-Refine demo gets a pretrained CLIP offline."""
+    stage_config = load_config(config.pretrain)
+    stage_dir = workdir / "pretrain"
+    logging.info("pretraining stage %s in %s", config.pretrain, stage_dir)
+    train_and_evaluate(stage_config, stage_dir)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.init_from = str(stage_dir)
+        config.pretrain = ""
+    return config
