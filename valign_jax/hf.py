@@ -24,8 +24,8 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
-from valign_jax.models import (BertConfig, CLIPTextConfig, CLIPVisionConfig, DualEncoder,
-                               ViTConfig)
+from valign_jax.models import (BertConfig, CLIPTextConfig, CLIPVisionConfig, DINOv2Config,
+                               DualEncoder, ViTConfig)
 from valign_jax.models.config import TowerConfig
 from valign_jax.models.layers import interpolate_patch_positions
 from valign_jax.models.registry import (abstract_params, dummy_inputs, scanned_layer_paths,
@@ -42,6 +42,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.txt", "*.model"]
 TOWER_TYPES = {
     "bert": (BertConfig, ("", "bert"), "BertModel"),
     "vit": (ViTConfig, ("", "vit"), "ViTModel"),
+    "dinov2": (DINOv2Config, ("", "dinov2"), "Dinov2Model"),
     "clip_text_model": (CLIPTextConfig, ("text_model",), "CLIPTextModel"),
     "clip_vision_model": (CLIPVisionConfig, ("vision_model",), "CLIPVisionModel"),
 }
@@ -141,7 +142,7 @@ def checkpoint_key(path: tuple[str, ...], layout: str, prefix: str = "") -> str:
 
 def _is_position_table(path, value, spec) -> bool:
     """A ViT / CLIP-vision position table stored for another image size (same width)."""
-    is_table = "/".join(path).endswith(("embeddings/position_embeddings",          # ViT
+    is_table = "/".join(path).endswith(("embeddings/position_embeddings",          # ViT, DINOv2
                                         "embeddings/position_embedding/embedding"))  # CLIP
     return is_table and value.ndim == len(spec.shape) and value.shape[-1] == spec.shape[-1]
 
@@ -239,7 +240,7 @@ def tower_config(hf_config: dict, part: str | None = None, *, source: str = "con
 
 
 def load_tower(path_or_hub_id, part: str | None = None, **run_options):
-    """(tower module, params) of a BERT / ViT / CLIP-text / CLIP-vision checkpoint.
+    """(tower module, params) of a BERT / ViT / DINOv2 / CLIP-text / CLIP-vision checkpoint.
 
     run_options set this codebase's options on the tower config: dtype="bfloat16",
     scan_layers=True, remat="full", pooling="mean", ...

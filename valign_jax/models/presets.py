@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from valign_jax.models.bert import BertConfig
 from valign_jax.models.clip_text import CLIPTextConfig
-from valign_jax.models.vit import CLIPVisionConfig, ViTConfig
+from valign_jax.models.vit import CLIPVisionConfig, DINOv2Config, ViTConfig
 
 _BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 _LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
@@ -35,7 +35,19 @@ PRESETS = {
     "clip_b32_vision": lambda: CLIPVisionConfig(**_BASE, patch_size=32),
     "clip_b16_vision": lambda: CLIPVisionConfig(**_BASE, patch_size=16),
     "clip_l14_vision": lambda: CLIPVisionConfig(**_LARGE, patch_size=14),
+    # DINOv2 (facebook/dinov2-*): 518 px, patch 14, mlp_ratio 4, LayerScale; giant uses SwiGLU
+    "dinov2_s14": lambda: DINOv2Config(hidden_size=384, num_hidden_layers=12,
+                                       num_attention_heads=6, image_size=518),
+    "dinov2_b14": lambda: DINOv2Config(hidden_size=768, num_hidden_layers=12,
+                                       num_attention_heads=12, image_size=518),
+    "dinov2_l14": lambda: DINOv2Config(hidden_size=1024, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=518),
+    "dinov2_g14": lambda: DINOv2Config(hidden_size=1536, num_hidden_layers=40,
+                                       num_attention_heads=24, image_size=518,
+                                       use_swiglu_ffn=True),
     "vit_tiny": lambda: ViTConfig(**_TINY, image_size=32, patch_size=8, add_pooling_layer=False),
+    "dinov2_tiny": lambda: DINOv2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        image_size=32, patch_size=8),
     "clip_tiny_vision": lambda: CLIPVisionConfig(**_TINY, image_size=32, patch_size=8,
                                                  projection_dim=64),
 }

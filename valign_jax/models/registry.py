@@ -15,7 +15,8 @@ import numpy as np
 from valign_jax.models.bert import BertConfig, BertTower
 from valign_jax.models.clip_text import CLIPTextConfig, CLIPTextTower
 from valign_jax.models.config import TowerConfig
-from valign_jax.models.vit import CLIPVisionConfig, CLIPVisionTower, ViTConfig, ViTTower
+from valign_jax.models.vit import (CLIPVisionConfig, CLIPVisionTower, DINOv2Config, ViTConfig,
+                                   ViTTower)
 
 @dataclasses.dataclass(frozen=True)
 class FeaturesConfig:
@@ -41,8 +42,8 @@ class FeaturesTower(nn.Module):
         return {"pooled": features}
 
 
-TOWERS = {FeaturesConfig: FeaturesTower, BertConfig: BertTower, CLIPTextConfig: CLIPTextTower, ViTConfig: ViTTower,
-          CLIPVisionConfig: CLIPVisionTower}
+TOWERS = {FeaturesConfig: FeaturesTower, BertConfig: BertTower, CLIPTextConfig: CLIPTextTower,
+          ViTConfig: ViTTower, DINOv2Config: ViTTower, CLIPVisionConfig: CLIPVisionTower}
 TEXT_CONFIGS = (BertConfig, CLIPTextConfig)
 
 
