@@ -25,7 +25,9 @@ from flax import traverse_util
 TRAINABLE, FROZEN = "trainable", "frozen"
 TOWER_PREFIX = {"image": "vision_model", "text": "text_model"}
 
-_NORM = r"(LayerNorm|layernorm[^/]*|layer_norm[^/]*|pre_layrnorm|post_layernorm|final_layer_norm)"
+# HF's LayerNorm names: BERT, ViT (layernorm_before/after), CLIP, DINOv2 (norm1, norm2)
+_NORM = (r"(LayerNorm|layernorm[^/]*|layer_norm[^/]*|pre_layrnorm|post_layernorm|final_layer_norm"
+         r"|norm[0-9]+)")
 PART_PATTERNS = {
     "all": r"^{t}/",
     "ln": r"^{t}/(.*/)?" + _NORM + r"/(scale|bias)$",
@@ -105,14 +107,12 @@ def make_labels(params, recipe: Recipe | str, overrides: Iterable[str] = (),
     """A label tree of `params`' structure. Overrides win over the recipe; a parameter no rule
     matches gets `default` (None: such a parameter is an error naming its path)."""
     rules = parse_overrides(overrides) + recipe_rules(recipe)
-    hits = {what: 0 for _, _, what in rules}
     compiled = [(re.compile(regex), label, what) for regex, label, what in rules]
 
     def label_of(path, _):
         name = "/".join(path)
-        for regex, label, what in compiled:
+        for regex, label, _what in compiled:
             if regex.search(name):
-                hits[what] += 1
                 return label
         if default is None:
             raise ValueError(f"parameter '{name}' is matched by no rule of the recipe and there "
@@ -120,11 +120,14 @@ def make_labels(params, recipe: Recipe | str, overrides: Iterable[str] = (),
         return default
 
     labels = traverse_util.path_aware_map(label_of, _as_dict(params))
-    unused = [what for what, n in hits.items() if n == 0]
+    # A rule that matches nothing means the recipe and the model disagree. (A recipe rule that
+    # an override shadows still matches: that is the override doing its job.)
+    names = ["/".join(p) for p in traverse_util.flatten_dict(_as_dict(params))]
+    unused = [(what, regex.pattern) for regex, _, what in compiled
+              if not any(regex.search(n) for n in names)]
     if unused:
-        patterns = {what: regex for regex, _, what in rules}
         raise ValueError("recipe rules match no parameter: " + "; ".join(
-            f"{what} (pattern {patterns[what]!r})" for what in unused)
+            f"{what} (pattern {pattern!r})" for what, pattern in unused)
             + ". Does the model have these parts (adapter_dim, deep_layers, heads)?")
     return labels
 
