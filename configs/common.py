@@ -118,7 +118,7 @@ def demo(c: ml_collections.ConfigDict, steps: int, batch_size: int = 64,
     c.data.num_train, c.data.num_eval = 20_000, 512
     c.batch_size = batch_size
     c.total_steps = steps
-    c.log_every = 25
+    c.log_every = 50
     c.eval_every = c.checkpoint_every = max(steps // 4, 1)
     c.eval.batch_size = 256
     c.optim.lr, c.optim.warmup_init_lr, c.optim.end_lr = lr, lr / 10, lr / 10

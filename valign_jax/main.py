@@ -9,7 +9,9 @@ the parameter report and ends with `trainable N of M (P%)`.
 
 from __future__ import annotations
 
-from absl import app, flags
+import logging as py_logging
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Recipe config file, e.g. configs/lilt.py:lilt_lwa",
@@ -42,7 +44,40 @@ def main(argv):
     from valign_jax import train  # the data and logging stack load only for real runs
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for a training run")
-    train.train_and_evaluate(config, FLAGS.workdir)
+    _quiet_library_logs()
+    metrics = train.train_and_evaluate(config, FLAGS.workdir)
+    print(summary(FLAGS.workdir, metrics))
+
+
+def summary(workdir: str, metrics: dict) -> str:
+    """What the run left behind and where: the last lines a user sees."""
+    from pathlib import Path
+    workdir = Path(workdir).absolute()
+    shown = {k: round(v, 4) for k, v in metrics.items()
+             if k.startswith(("retrieval/", "zeroshot/", "geometry/gap", "train/loss"))
+             and not k.endswith(("r5", "top5", "per_dim"))}
+    lines = [f"finished at step {metrics.get('step')}: {shown}",
+             f"  metrics (one JSON line per evaluation): {workdir / 'metrics.jsonl'}",
+             f"  checkpoints (resume: rerun the same command): {workdir / 'checkpoints'}",
+             f"  TensorBoard: tensorboard --logdir {workdir}",
+             f"  load it: valign_jax.load_trained({str(workdir)!r})"]
+    return "\n".join(lines)
+
+
+class _DropInfoFrom(py_logging.Filter):
+    """Orbax and grain log every save and read at INFO; keep their warnings only."""
+
+    def __init__(self, *packages):
+        super().__init__()
+        self.packages = tuple(f"/{p}/" for p in packages)
+
+    def filter(self, record):
+        return record.levelno >= py_logging.WARNING or not any(
+            p in record.pathname for p in self.packages)
+
+
+def _quiet_library_logs():
+    logging.get_absl_handler().addFilter(_DropInfoFrom("orbax", "grain"))
 
 
 if __name__ == "__main__":

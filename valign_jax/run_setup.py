@@ -69,7 +69,7 @@ def build_model(config):
         return build.build_dual_encoder(config.model)
 
 
-def initial_params(config, model, abstract_params, param_sh, workdir: Path):
+def initial_params(config, model, param_sh):
     """Fresh parameters, overlaid with pretrained weights: the tower checkpoints, or everything
     from `config.model.init_from` (a full CLIP checkpoint or a previous run's workdir)."""
     init = jax.jit(lambda rng: model.init(rng, **model.dummy_inputs())["params"],
@@ -131,7 +131,7 @@ class MetricsLog:
                                                       writer=self.writer, every_secs=30)
         self.path = workdir / "metrics.jsonl" if primary else None
         self.train_loss = None
-        self.last: dict = {}
+        self.last = _last_line(workdir / "metrics.jsonl")  # a resumed run's latest so far
 
     def progress(self, step: int) -> None:
         self.report(step)
@@ -156,6 +156,13 @@ class MetricsLog:
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+
+
+def _last_line(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}
 
 
 def _scalar_hparams(config) -> dict:

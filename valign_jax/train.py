@@ -14,11 +14,12 @@ and the data iterator's position), so a resumed run ends where an uninterrupted 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
+from typing import Callable
 
 import jax
-import numpy as np
 from absl import logging
 
 from valign_jax import checkpointing, optim, peft, sharding
@@ -27,6 +28,50 @@ from valign_jax.evaluation.evaluator import FeatureEncoder, HeldOutEvaluator, ev
 from valign_jax.run_setup import (MetricsLog, build_model, initial_params, load_config,
                                   make_objective, prepare_workdir, write_run_files)
 from valign_jax.train_step import create_state, make_train_step
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything compiled for one model on one mesh: what the loop and the tests drive."""
+    model: object
+    labels: dict
+    optimizer: object
+    abstract_params: dict
+    param_sh: dict            # NamedSharding per parameter
+    state_sh: object          # ... and per TrainState leaf
+    init_state: Callable      # params -> TrainState, placed on the mesh
+    train_step: Callable      # (state, batch[, teacher]) -> (state, metrics); state donated
+
+    def abstract_state(self):
+        """The state's shapes with their shardings: the target a checkpoint restores into."""
+        shapes = jax.eval_shape(self.init_state, self.abstract_params)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            shapes, self.state_sh)
+
+
+def make_trainer(config, model, mesh, total_steps: int) -> Trainer:
+    """Parameters, which of them train, the optimizer, where each array lives on the mesh,
+    and the jitted step with explicit shardings."""
+    abstract_params = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs()))["params"]
+    labels = peft.make_labels(abstract_params, config.peft.recipe, config.peft.overrides)
+    optimizer = optim.make_optimizer(config.optim, labels, total_steps)
+    rng = jax.random.PRNGKey(config.seed)
+    param_sh = sharding.tree_shardings(abstract_params, mesh, config.mesh.min_fsdp_size)
+    state_shapes = jax.eval_shape(lambda p: create_state(p, optimizer, rng), abstract_params)
+    state_sh = sharding.tree_shardings(state_shapes, mesh, config.mesh.min_fsdp_size)
+    init_state = jax.jit(lambda p: create_state(p, optimizer, rng), in_shardings=(param_sh,),
+                         out_shardings=state_sh)
+    step_fn = make_train_step(model, optimizer, labels, make_objective(config.objective, mesh),
+                              config.model.logit_preset)
+    batch_sh, out_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    # CLIP-Refine's teacher (the frozen initial model) is a third argument, never a constant
+    # baked into the compiled step.
+    in_sh = (state_sh, batch_sh) + ((param_sh,) if config.objective.kind == "clip_refine" else ())
+    train_step = jax.jit(step_fn, in_shardings=in_sh, out_shardings=(state_sh, out_sh),
+                         donate_argnums=(0,))
+    return Trainer(model, labels, optimizer, abstract_params, param_sh, state_sh, init_state,
+                   train_step)
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -39,7 +84,7 @@ def train_and_evaluate(config, workdir) -> dict:
     model = build_model(config)
     write_run_files(workdir, config, model)
 
-    # Data: the training stream, the held-out split, the tokenizer every caption goes through.
+    # Data: the training stream, and the tokenizer every caption goes through.
     image_size = model.image_config.image_size
     tokenizer = pipeline.make_tokenizer(config.model.text, config.data.lower_case)
     collate = pipeline.Collate(tokenizer, config.data.image_mean, config.data.image_std,
@@ -51,48 +96,28 @@ def train_and_evaluate(config, workdir) -> dict:
     train_iter = iter(pipeline.train_dataset(train_source, collate, config.batch_size,
                                              config.seed, config.data.threads))
 
-    # Parameters, which of them train, the optimizer, and where each array lives on the mesh.
-    abstract_params = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs()))["params"]
-    labels = peft.make_labels(abstract_params, config.peft.recipe, config.peft.overrides)
-    optimizer = optim.make_optimizer(config.optim, labels, total_steps)
-    param_sh = sharding.tree_shardings(abstract_params, mesh, config.mesh.min_fsdp_size)
-    rng = jax.random.PRNGKey(config.seed)
-    abstract_state = jax.eval_shape(lambda p: create_state(p, optimizer, rng), abstract_params)
-    state_sh = sharding.tree_shardings(abstract_state, mesh, config.mesh.min_fsdp_size)
-    report = peft.report(abstract_params, labels)
+    trainer = make_trainer(config, model, mesh, total_steps)
+    report = peft.report(trainer.abstract_params, trainer.labels)
     logging.info("parameters:\n%s", report)
-    (workdir / "parameters.txt").write_text(report + "\n") if jax.process_index() == 0 else None
+    if jax.process_index() == 0:
+        (workdir / "parameters.txt").write_text(report + "\n")
 
     checkpoints = checkpointing.Checkpoints(workdir, config.keep_checkpoints,
                                             pipeline.iterator_handler())
     start = checkpoints.latest_step() or 0
     teacher = None
     if start == 0 or config.objective.kind == "clip_refine":
-        params = initial_params(config, model, abstract_params, param_sh, workdir)
+        params = initial_params(config, model, trainer.param_sh)
         if config.objective.kind == "clip_refine":
-            teacher = params  # CLIP-Refine's HyCD teacher: the frozen initial model
-    init_state = jax.jit(lambda p: create_state(p, optimizer, rng), in_shardings=(param_sh,),
-                         out_shardings=state_sh)
+            teacher = params
     if start:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state, state_sh)
-        state = checkpoints.restore(start, target, pipeline.iterator_restore_args(train_iter))
+        state = checkpoints.restore(start, trainer.abstract_state(),
+                                    pipeline.iterator_restore_args(train_iter))
         logging.info("resumed from %s at step %d", checkpoints.directory, start)
     else:
-        state = init_state(params)
+        state = trainer.init_state(params)
 
-    step_fn = make_train_step(model, optimizer, labels, make_objective(config.objective, mesh),
-                              config.model.logit_preset)
-    batch_sh, out_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    if teacher is None:
-        train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                             out_shardings=(state_sh, out_sh), donate_argnums=(0,))
-    else:
-        train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, param_sh),
-                             out_shardings=(state_sh, out_sh), donate_argnums=(0,))
-
-    evaluator = _make_evaluator(config, model, mesh, param_sh, collate, image_size)
+    evaluator = _make_evaluator(config, model, mesh, trainer.param_sh, collate, image_size)
     log = MetricsLog(workdir, config, total_steps)
     if start == 0:
         log.write(0, evaluator(state.params))
@@ -102,7 +127,7 @@ def train_and_evaluate(config, workdir) -> dict:
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             batch = sharding.global_batch(next(train_iter), mesh)
             args = (state, batch) if teacher is None else (state, batch, teacher)
-            state, metrics = train_step(*args)
+            state, metrics = trainer.train_step(*args)
         pending.append(metrics)
         if previous is not None:  # one step behind, so the device never waits for the host
             _check_finite(*previous, checkpoints)
@@ -118,6 +143,8 @@ def train_and_evaluate(config, workdir) -> dict:
             checkpoints.save(step + 1, state, pipeline.iterator_save_args(train_iter))
         if (step + 1) % config.eval_every == 0 or done:
             log.write(step + 1, evaluator(state.params))
+    if start >= total_steps:
+        logging.info("%s already holds the finished run (step %d)", workdir, start)
     checkpoints.wait()
     checkpoints.close()
     log.close()
