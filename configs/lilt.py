@@ -62,5 +62,5 @@ def get_config(arg=None):
                            image_adapter_dim=adapters[0] and 16, image_deep_layers=deep[0],
                            text_pooling="cls", text_adapter_dim=adapters[1] and 16,
                            text_deep_layers=deep[1])
-        common.demo(c, steps=600, lr=3e-3)
+        common.demo(c, steps=1000, lr=3e-3)
     return c

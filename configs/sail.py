@@ -43,5 +43,5 @@ def get_config(arg=None):
         # to align what random features of the shapes happen to encode.
         common.demo_towers(c, "vit_tiny", "bert_tiny", image_pooling="cls_mean",
                            text_pooling="mean", text_max_length=40)
-        common.demo(c, steps=400, lr=3e-4)
+        common.demo(c, steps=1500, lr=3e-5)  # Lion: sign updates need a small lr
     return c

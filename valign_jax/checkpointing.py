@@ -72,8 +72,10 @@ def restore_params(workdir, step: int | None = None):
     directory = Path(workdir).absolute() / CHECKPOINTS
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints (is {workdir} a training workdir?)")
+    # "data" (the iterator position) is registered so orbax knows the item, never read here.
     with ocp.CheckpointManager(directory, item_handlers={
-            "state": ocp.PyTreeCheckpointHandler()}) as manager:
+            "state": ocp.PyTreeCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler()}) as manager:
         steps = manager.all_steps()
         if not steps:
             raise FileNotFoundError(f"{directory}: no finished checkpoint")

@@ -10,6 +10,7 @@ the parameter report and ends with `trainable N of M (P%)`.
 from __future__ import annotations
 
 import logging as py_logging
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -45,7 +46,14 @@ def main(argv):
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for a training run")
     _quiet_library_logs()
-    metrics = train.train_and_evaluate(config, FLAGS.workdir)
+    try:
+        metrics = train.train_and_evaluate(config, FLAGS.workdir)
+    except (OSError, ValueError, FloatingPointError) as err:
+        # Errors about the user's input: the message says what to change; the traceback is
+        # for developers (--verbosity=1).
+        logging.debug("traceback", exc_info=True)
+        print(f"FATAL: {err}", file=sys.stderr)
+        sys.exit(1)
     print(summary(FLAGS.workdir, metrics))
 
 
@@ -80,5 +88,34 @@ def _quiet_library_logs():
     logging.get_absl_handler().addFilter(_DropInfoFrom("orbax", "grain"))
 
 
+def parse_flags(argv):
+    """absl's parsing, with an unknown `--config.<key>` explained: the valid keys listed."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as err:
+        message = unknown_key_message(argv) or str(err)
+        print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def unknown_key_message(argv) -> str | None:
+    """For the first --config.a.b=value naming a key the config lacks, which keys it has."""
+    paths = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if not spec:
+        return None
+    from valign_jax.run_setup import load_config
+    config = load_config(spec)
+    for path in paths:
+        node, walked = config, "config"
+        for key in path.split("."):
+            if not hasattr(node, "keys") or key not in node:
+                valid = sorted(node.keys()) if hasattr(node, "keys") else []
+                return (f"unknown config key '{walked}.{key}' (from --config.{path}); "
+                        f"valid keys of {walked}: {valid}")
+            node, walked = node[key], f"{walked}.{key}"
+    return None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -122,6 +122,20 @@ def train_and_evaluate(config, workdir) -> dict:
     if start == 0:
         log.write(0, evaluator(state.params))
 
+    try:
+        _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_steps,
+                    checkpoints, evaluator, log)
+    finally:  # a crash or Ctrl-C still lets the checkpoint being written finish
+        checkpoints.wait()
+        checkpoints.close()
+        log.close()
+    if start >= total_steps:
+        logging.info("%s already holds the finished run (step %d)", workdir, start)
+    return log.last
+
+
+def _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_steps,
+                checkpoints, evaluator, log):
     pending, previous = [], None
     for step in range(start, total_steps):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -143,12 +157,6 @@ def train_and_evaluate(config, workdir) -> dict:
             checkpoints.save(step + 1, state, pipeline.iterator_save_args(train_iter))
         if (step + 1) % config.eval_every == 0 or done:
             log.write(step + 1, evaluator(state.params))
-    if start >= total_steps:
-        logging.info("%s already holds the finished run (step %d)", workdir, start)
-    checkpoints.wait()
-    checkpoints.close()
-    log.close()
-    return log.last
 
 
 def _check_finite(step: int, metrics: dict, checkpoints) -> None:

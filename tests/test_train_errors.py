@@ -1,0 +1,71 @@
+"""Bad input to a training run fails early with an error that says what to change."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from valign_jax import run_setup, train
+
+from conftest import REPO
+from train_helpers import tiny_config
+
+
+def run_main(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "valign_jax.main", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_unknown_config_key_lists_the_valid_keys():
+    proc = run_main("--config=configs/clip.py:demo", "--config.optim.lrr=1", "--dry_run")
+    assert proc.returncode != 0
+    assert "unknown config key 'config.optim.lrr'" in proc.stderr
+    assert "'lr'" in proc.stderr and "'weight_decay'" in proc.stderr
+
+
+def test_unknown_variant_lists_the_valid_ones():
+    proc = run_main("--config=configs/lilt.py:lilt_lwaa", "--dry_run")
+    assert proc.returncode != 0
+    assert "unknown config argument 'lilt_lwaa'" in proc.stderr
+    assert "'lilt_lwa'" in proc.stderr and "'demo'" in proc.stderr
+
+
+def test_unwritable_workdir_fails_before_any_compute(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the model was built before the workdir was checked")
+    monkeypatch.setattr(train, "build_model", no_compute)
+    with pytest.raises(OSError, match="cannot write to the workdir .*a_file/run"):
+        train.train_and_evaluate(tiny_config("clip"), blocker / "run")
+
+
+def test_real_checkpoints_offline_say_to_use_demo_or_a_local_path(tmp_path):
+    proc = run_main("--config=configs/lilt.py", f"--workdir={tmp_path / 'run'}",
+                    env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0
+    assert "facebook/deit-base-patch16-224" in proc.stderr
+    assert "':demo'" in proc.stderr and "local directories" in proc.stderr
+
+
+def test_pretrain_stage_config_must_exist(tmp_path):
+    config = tiny_config("clip_refine")
+    config.pretrain = str(REPO / "configs/no_such_recipe.py:demo")
+    with pytest.raises(FileNotFoundError, match="no_such_recipe.py"):
+        train.train_and_evaluate(config, tmp_path)
+
+
+def test_a_workdir_holding_another_model_is_refused(tmp_path):
+    train.train_and_evaluate(tiny_config("clip", steps=1), tmp_path)
+    other = tiny_config("clip", steps=1)
+    other.model.projection_dim = 32
+    with pytest.raises(ValueError, match="different model .*projection_dim"):
+        train.train_and_evaluate(other, tmp_path)
+
+
+def test_load_config_names_a_missing_file():
+    with pytest.raises(FileNotFoundError, match="nowhere.py"):
+        run_setup.load_config("configs/nowhere.py:demo")
