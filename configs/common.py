@@ -96,7 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
         scan_layers=False,
         remat="none",
         init_from="",            # a full CLIP checkpoint or a previous run's workdir
-        logit_scale_init=None,   # None: the logit preset's init
+        # None: the logit preset's init (placeholders, so the command line can set them)
+        logit_scale_init=ml_collections.config_dict.placeholder(float),
+        logit_bias_init=ml_collections.config_dict.placeholder(float),  # sigmoid recipes
     ))
     c.peft = ml_collections.ConfigDict(dict(
         recipe="full",           # peft.RECIPES

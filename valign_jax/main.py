@@ -42,7 +42,8 @@ def main(argv):
     if FLAGS.dry_run:
         print(dry_run(config))
         return
-    from valign_jax import train  # the data and logging stack load only for real runs
+    from valign_jax import sharding, train  # the data and logging stack load only for real runs
+    sharding.initialize_distributed()  # a no-op unless the launcher set VALIGN_* variables
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for a training run")
     _quiet_library_logs()

@@ -119,6 +119,7 @@ def train_and_evaluate(config, workdir) -> dict:
 
     evaluator = _make_evaluator(config, model, mesh, trainer.param_sh, collate, image_size)
     log = MetricsLog(workdir, config, total_steps)
+    log.writer.write_texts(0, {"parameters": "    " + report.replace("\n", "\n    ")})
     if start == 0:
         log.write(0, evaluator(state.params))
 

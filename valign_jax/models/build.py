@@ -68,6 +68,7 @@ def pretrained_towers(model_cfg) -> dict:
 def build_dual_encoder(model_cfg, use_checkpoint_config: bool = True) -> DualEncoder:
     logit = losses.LOGIT_SCALE_PRESETS[model_cfg.logit_preset]
     init_log_scale = model_cfg.get("logit_scale_init")
+    init_bias = model_cfg.get("logit_bias_init")
     return DualEncoder(
         image_config=tower_config(model_cfg.image, model_cfg, "image", use_checkpoint_config),
         text_config=tower_config(model_cfg.text, model_cfg, "text", use_checkpoint_config),
@@ -76,7 +77,8 @@ def build_dual_encoder(model_cfg, use_checkpoint_config: bool = True) -> DualEnc
         text_head=model_cfg.text_head,
         head_bias=model_cfg.head_bias,
         logit_scale_init=logit.init_log_scale if init_log_scale is None else init_log_scale,
-        logit_bias_init=logit.init_bias,
+        logit_bias_init=logit.init_bias if init_bias is None or logit.init_bias is None
+        else init_bias,
     )
 
 
