@@ -96,22 +96,38 @@ def clip_refine_objective(weights=(0.0, 1.0, 1.0), prior_std: float = 1.0,
     return objective
 
 
+def model_inputs(batch):
+    """(image, text, mask) for the model, and (text, mask) of the second caption or None.
+
+    A batch holds either raw inputs (pixel_values, input_ids, attention_mask[, long_input_ids,
+    long_attention_mask]) or cached tower features (image_features, text_features[,
+    long_text_features]), which FeaturesTowers pass straight to the heads.
+    """
+    if "image_features" in batch:
+        long = batch.get("long_text_features")
+        return ((batch["image_features"], batch["text_features"], None),
+                None if long is None else (long, None))
+    long = (batch["long_input_ids"], batch["long_attention_mask"]) \
+        if "long_input_ids" in batch else None
+    return (batch["pixel_values"], batch["input_ids"], batch["attention_mask"]), long
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, labels,
                     objective: Callable, logit_preset: str | None = None):
     """step(state, batch[, teacher_params]) -> (state, metrics).
 
-    batch: pixel_values, input_ids, attention_mask; optionally long_input_ids and
-    long_attention_mask (a second caption per image, encoded as out["text_long"]). teacher_params (CLIP-Refine's HyCD): a
-    frozen copy of the initial parameters or another checkpoint's, passed in each call rather
-    than held in the state, so it has no optimizer state and is never differentiated; its
-    outputs reach the objective as out["teacher"].
+    batch: see `model_inputs`; a second caption per image (SAIL's long captions) is encoded as
+    out["text_long"]. teacher_params (CLIP-Refine's HyCD): a frozen copy of the initial
+    parameters or another checkpoint's, passed in each call rather than held in the state, so
+    it has no optimizer state and is never differentiated; its outputs reach the objective as
+    out["teacher"].
     """
 
     def step(state: TrainState, batch, teacher_params=None):
         rng, step_rng = jax.random.split(state.rng)
         trainable, frozen = peft.split(state.params, labels)
         frozen = jax.lax.stop_gradient(frozen)
-        inputs = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        inputs, long_inputs = model_inputs(batch)
         teacher_out = None
         if teacher_params is not None:
             teacher_out = model.apply({"params": jax.lax.stop_gradient(teacher_params)}, *inputs)
@@ -119,10 +135,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, labels,
         def loss_fn(trainable):
             params = {"params": peft.merge(trainable, frozen)}
             out = model.apply(params, *inputs)
-            if "long_input_ids" in batch:
-                out["text_long"] = model.apply(params, batch["long_input_ids"],
-                                               batch["long_attention_mask"],
-                                               method=model.encode_text)
+            if long_inputs is not None:
+                out["text_long"] = model.apply(params, *long_inputs, method=model.encode_text)
             if teacher_out is not None:
                 out = {**out, "teacher": teacher_out}
             return objective(out, batch, step_rng)
