@@ -24,7 +24,8 @@ from absl import logging
 
 from valign_jax import checkpointing, optim, peft, sharding
 from valign_jax.data import pipeline
-from valign_jax.evaluation.evaluator import FeatureEncoder, HeldOutEvaluator, eval_batch_size
+from valign_jax.evaluation.evaluator import (Evaluators, FeatureEncoder, RetrievalEvaluator,
+                                             ZeroShotEvaluator, eval_batch_size)
 from valign_jax.run_setup import (MetricsLog, build_model, initial_params, load_config,
                                   make_objective, prepare_workdir, write_run_files)
 from valign_jax.train_step import create_state, make_train_step
@@ -175,18 +176,20 @@ def _check_finite(step: int, metrics: dict, checkpoints) -> None:
 
 
 def _make_evaluator(config, model, mesh, param_sh, collate, image_size: int):
+    """Retrieval + geometry on config.data.eval; zero-shot on config.eval.zeroshot."""
+    encoder = FeatureEncoder(model, mesh, param_sh, eval_batch_size(config.eval.batch_size, mesh))
     source = pipeline.make_source(config.data.eval, "eval", config.data, image_size,
                                   "config.data.eval")
     records = [source[i] for i in range(len(source))]
-    class_names, templates = (), ("{}",)
+    evaluators = [RetrievalEvaluator(encoder, records, collate)]
     if config.eval.zeroshot:
         if config.eval.zeroshot != "synthetic:shapes":
             raise ValueError(f"config.eval.zeroshot={config.eval.zeroshot!r}: only "
                              f"'synthetic:shapes' is supported during training so far")
         from valign_jax.data import synthetic
-        class_names, templates = synthetic.CLASS_NAMES, synthetic.ZEROSHOT_TEMPLATES
-    encoder = FeatureEncoder(model, mesh, param_sh, eval_batch_size(config.eval.batch_size, mesh))
-    return HeldOutEvaluator(encoder, records, collate, class_names, templates)
+        evaluators.append(ZeroShotEvaluator(encoder, records, collate, synthetic.CLASS_NAMES,
+                                            synthetic.ZEROSHOT_TEMPLATES, "synthetic"))
+    return Evaluators(*evaluators)
 
 
 def _run_pretrain_stage(config, workdir: Path):

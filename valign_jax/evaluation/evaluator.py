@@ -61,39 +61,74 @@ class FeatureEncoder:
                                               "attention_mask": tokens["attention_mask"]})
 
 
-class HeldOutEvaluator:
-    """Retrieval and geometry on a held-out split, zero-shot over its class names.
+def _pixels(records, collate) -> np.ndarray:
+    from valign_jax.data.pipeline import normalize
+    return normalize(np.stack([r["image"] for r in records]), collate.mean, collate.std)
 
-    Retrieval counts a retrieved caption (image) as a hit when its text equals the query's own
-    caption: several images of a synthetic split can share one caption.
+
+def _texts(record) -> list[str]:
+    return list(record.get("captions") or [record["caption"]])
+
+
+class RetrievalEvaluator:
+    """Image<->text retrieval and the geometry metrics on a held-out split of pairs.
+
+    Which caption counts as a hit: any caption of an image whose set of captions equals the
+    query image's. For COCO (five captions of its own per image) that is the image's own
+    captions; for the synthetic data, where many images share their attributes and so their
+    captions, any of those images or captions is as right as the query's own.
     """
 
-    def __init__(self, encoder: FeatureEncoder, records: Sequence[dict], collate,
-                 class_names: Sequence[str] = (), templates: Sequence[str] = ("{}",),
-                 zeroshot_name: str = "synthetic"):
+    def __init__(self, encoder: FeatureEncoder, records: Sequence[dict], collate):
         self.encoder = encoder
-        batch = collate(list(records))
-        self.pixel_values = batch["pixel_values"]
-        self.tokens = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        self.captions = np.asarray([r["caption"] for r in records])
-        self.labels = np.asarray([r.get("label", -1) for r in records])
-        self.class_names, self.templates = list(class_names), list(templates)
-        self.prompts = collate.tokenizer([t.format(c) for c in self.class_names
-                                          for t in self.templates]) if class_names else None
-        self.zeroshot_name = zeroshot_name
+        captions = [_texts(r) for r in records]
+        groups: dict = {}
+        self.image_keys = np.asarray([groups.setdefault(tuple(c), len(groups)) for c in captions])
+        self.text_keys = np.repeat(self.image_keys, [len(c) for c in captions])
+        self.pixel_values = _pixels(records, collate)
+        self.tokens = collate.tokenizer([t for group in captions for t in group])
+        # Geometry pairs each image with its first caption.
+        self.first_caption = np.cumsum([0] + [len(c) for c in captions[:-1]])
 
     def __call__(self, params) -> dict[str, float]:
         img = self.encoder.images(params, self.pixel_values)
         txt = self.encoder.texts(params, self.tokens)
         metrics = {f"retrieval/{k}": v for k, v in retrieval.retrieval_metrics(
-            img, txt, self.captions, self.captions).items()}
-        metrics.update({f"geometry/{k}": v for k, v in
-                        geometry.geometry_metrics(img, txt).items()})
-        if self.prompts is not None:
-            classes = zeroshot.class_embeddings(self.encoder.texts(params, self.prompts),
-                                                len(self.class_names), len(self.templates))
-            metrics.update({f"zeroshot/{self.zeroshot_name}/{k}": v for k, v in
-                            zeroshot.zeroshot_metrics(img, classes, self.labels).items()})
+            img, txt, self.image_keys, self.text_keys).items()}
+        metrics.update({f"geometry/{k}": v for k, v in geometry.geometry_metrics(
+            img, txt[self.first_caption]).items()})
+        return metrics
+
+
+class ZeroShotEvaluator:
+    """Zero-shot classification: each class's text embedding averages its prompt templates."""
+
+    def __init__(self, encoder: FeatureEncoder, records: Sequence[dict], collate,
+                 class_names: Sequence[str], templates: Sequence[str], name: str):
+        self.encoder, self.name = encoder, name
+        self.pixel_values = _pixels(records, collate)
+        self.labels = np.asarray([r["label"] for r in records])
+        self.num_classes, self.num_templates = len(class_names), len(templates)
+        self.prompts = collate.tokenizer([t.format(c) for c in class_names for t in templates])
+
+    def __call__(self, params) -> dict[str, float]:
+        img = self.encoder.images(params, self.pixel_values)
+        classes = zeroshot.class_embeddings(self.encoder.texts(params, self.prompts),
+                                            self.num_classes, self.num_templates)
+        return {f"zeroshot/{self.name}/{k}": v for k, v in
+                zeroshot.zeroshot_metrics(img, classes, self.labels).items()}
+
+
+class Evaluators:
+    """Several evaluators as one: their metrics merged."""
+
+    def __init__(self, *evaluators):
+        self.evaluators = evaluators
+
+    def __call__(self, params) -> dict[str, float]:
+        metrics = {}
+        for evaluator in self.evaluators:
+            metrics.update(evaluator(params))
         return metrics
 
 
