@@ -74,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         train="tfds:coco_captions/train", eval="tfds:coco_captions/test",
         num_train=50_000, num_eval=512,  # synthetic sources only: how many examples
+        feature_cache="",        # a directory: train from cached frozen-tower features (SAIL);
+                                 # fill it with --mode=cache_features
         seed=0,
         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),  # pixels -> [-1, 1]
         lower_case=False,

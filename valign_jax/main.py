@@ -19,6 +19,9 @@ config_flags.DEFINE_config_file("config", None, "Recipe config file, e.g. config
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard logs go.")
 flags.DEFINE_bool("dry_run", False, "Print the parameter report and exit; reads no weights.")
+flags.DEFINE_enum("mode", "train", ["train", "cache_features"],
+                  "train: train and evaluate in --workdir. cache_features: run the frozen "
+                  "towers once over the data into config.data.feature_cache.")
 FLAGS = flags.FLAGS
 
 
@@ -44,6 +47,12 @@ def main(argv):
         return
     from valign_jax import sharding, train  # the data and logging stack load only for real runs
     sharding.initialize_distributed()  # a no-op unless the launcher set VALIGN_* variables
+    if FLAGS.mode == "cache_features":
+        from valign_jax import feature_caching
+        _quiet_library_logs()
+        for path in feature_caching.cache_all(config):
+            print(f"features cached in {path}")
+        return
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for a training run")
     _quiet_library_logs()

@@ -65,13 +65,19 @@ def pretrained_towers(model_cfg) -> dict:
     return out
 
 
-def build_dual_encoder(model_cfg, use_checkpoint_config: bool = True) -> DualEncoder:
+def build_dual_encoder(model_cfg, use_checkpoint_config: bool = True,
+                       towers=None) -> DualEncoder:
+    """The config's DualEncoder; `towers` = (image_config, text_config) replaces the towers the
+    config describes (e.g. FeaturesConfigs when training from cached features)."""
     logit = losses.LOGIT_SCALE_PRESETS[model_cfg.logit_preset]
     init_log_scale = model_cfg.get("logit_scale_init")
     init_bias = model_cfg.get("logit_bias_init")
+    if towers is None:
+        towers = (tower_config(model_cfg.image, model_cfg, "image", use_checkpoint_config),
+                  tower_config(model_cfg.text, model_cfg, "text", use_checkpoint_config))
     return DualEncoder(
-        image_config=tower_config(model_cfg.image, model_cfg, "image", use_checkpoint_config),
-        text_config=tower_config(model_cfg.text, model_cfg, "text", use_checkpoint_config),
+        image_config=towers[0],
+        text_config=towers[1],
         projection_dim=model_cfg.projection_dim,
         image_head=model_cfg.image_head,
         text_head=model_cfg.text_head,

@@ -1,0 +1,85 @@
+"""`--mode=cache_features`: run a config's frozen towers once over its training and evaluation
+data and store their pooled outputs, so that training (SAIL) reads features from disk and never
+runs the towers.
+
+    python -m valign_jax.main --config=configs/sail.py:demo --mode=cache_features
+    python -m valign_jax.main --config=configs/sail.py:demo --workdir=DIR   # trains from it
+
+The cache lives in `config.data.feature_cache` (`train/` and `eval/` inside). Its manifest
+records what produced it — checkpoints, presets, pooling, dtype, image size, caption length,
+data source — and a training run whose config disagrees is refused with the difference named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from absl import logging
+
+from valign_jax import sharding
+from valign_jax.data import feature_cache, pipeline
+from valign_jax.models import build
+from valign_jax.run_setup import build_model, initial_params
+
+SPLITS = ("train", "eval")
+
+
+def cache_dir(config, split: str) -> Path:
+    return Path(config.data.feature_cache).absolute() / split
+
+
+def manifest(config, split: str) -> dict:
+    """What the cached features of `split` depend on."""
+    image, text = config.model.image, config.model.text
+    spec = config.data.train if split == "train" else config.data.eval
+    out = {"image_checkpoint": image.checkpoint, "image_preset": image.preset,
+           "image_pooling": image.pooling, "image_size": image.image_size,
+           "text_checkpoint": text.checkpoint, "text_preset": text.preset,
+           "text_pooling": text.pooling, "max_length": text.max_length,
+           "lower_case": config.data.lower_case, "dtype": config.model.dtype,
+           "image_mean": list(config.data.image_mean), "image_std": list(config.data.image_std),
+           "source": spec}
+    if spec.startswith("synthetic:"):  # the embedded data is a function of these
+        out.update(seed=config.data.seed,
+                   num_examples=config.data.num_train if split == "train" else
+                   config.data.num_eval)
+    return out
+
+
+def cache_all(config) -> list[Path]:
+    """Run the towers over data.train and data.eval into the cache; resumes a partial cache."""
+    if not config.data.get("feature_cache"):
+        raise ValueError("--mode=cache_features needs config.data.feature_cache: the directory "
+                         "the features go to")
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    model = build_model(config)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                 **model.dummy_inputs()))["params"]
+    param_sh = sharding.tree_shardings(abstract, mesh, config.mesh.min_fsdp_size)
+    params = initial_params(config, model, param_sh)
+    tokenizer = pipeline.make_tokenizer(config.model.text, config.data.lower_case)
+    collate = pipeline.Collate(tokenizer, config.data.image_mean, config.data.image_std)
+    written = []
+    for split in SPLITS:
+        spec = config.data.train if split == "train" else config.data.eval
+        source = pipeline.make_source(spec, split, config.data, model.image_config.image_size,
+                                      f"config.data.{split}")
+        logging.info("caching %s features of %s (%d examples)", split, spec, len(source))
+        written.append(feature_cache.cache_features(
+            model, params, source, collate, cache_dir(config, split), manifest(config, split),
+            mesh=mesh, batch_size=config.eval.batch_size))
+    return written
+
+
+def cached_model(config):
+    """The DualEncoder that trains from the cache: FeaturesConfig towers, the config's heads.
+    Refuses a cache that is missing, partial or made under a different config."""
+    for split in SPLITS:
+        try:
+            feature_cache.check_manifest(cache_dir(config, split), manifest(config, split))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}\nBuild the cache first: python -m valign_jax.main "
+                                    f"--config=... --mode=cache_features") from err
+    image_cfg, text_cfg = feature_cache.feature_configs(cache_dir(config, "train"))
+    return build.build_dual_encoder(config.model, towers=(image_cfg, text_cfg))
