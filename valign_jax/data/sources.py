@@ -1,0 +1,457 @@
+"""Random-access image–caption sources named by config strings (grain MapDataset sources).
+
+    source = open_source("tfds:coco_captions/train", key="config.data.train")
+    len(source), source[7]   # {"image": uint8 array or encoded bytes, "caption": str,
+                             #  "captions": (str, ...), optionally "long_caption", "label"}
+    source.class_names       # classification sources: ("apple", "aquarium fish", ...)
+
+The forms (KNOWN_FORMS):
+  tfds:<name>/<split>   `tfds.data_source` (prepared data, nothing is downloaded). Captions from
+                        a `captions/text` sequence (coco_captions: ~5 per image; its splits are
+                        Karpathy & Li's train/val/test/restval) or a `caption`/`text` string;
+                        classification datasets (cifar100, svhn_cropped, imagenet2012, ...) give
+                        `label` and `.class_names` (underscores as spaces), the class name being
+                        the caption. ImageNet-family names are WordNet ids in tfds.
+  <file>.jsonl          one JSON object per line: `image` (path relative to the file),
+  <file>.csv            `caption` (a string or a list; in csv a JSON list), optional
+                        `long_caption`; csv has a header row.
+  <directory>           holding *.tar -> tar shards; holding pairs.jsonl / pairs.csv -> those;
+                        else class folders `<root>/<class name>/<images>` (classes sorted).
+  <glob>.tar, <f>.tar   WebDataset-style shards: `<key>.<jpg|jpeg|png|webp>` with `<key>.txt`
+                        (the caption) or `<key>.json` (`caption` / `captions` / `long_caption`).
+                        An index of member offsets is built at open (headers only); records are
+                        read with os.pread, so nothing is extracted and threads share the files.
+  synthetic:shapes      the embedded dataset (pipeline.make_source builds it).
+
+Broken rows never stop a run: a missing or empty image file, a bad JSON line, a caption that is
+empty or not a string, a tar member cut short... each keeps its index and raises
+`BrokenRecord` when read; the pipeline drops and counts it. A source without a single usable row
+is an error at open, naming it (checked cheaply: stat calls until one good row is found).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from valign_jax.data.transforms import BrokenRecord
+
+KNOWN_FORMS = ("tfds:<name>/<split> (e.g. tfds:coco_captions/train, tfds:cifar100/test)",
+               "<file>.jsonl or <file>.csv (image path relative to the file + caption)",
+               "<directory>/<class name>/<images> (class folders, zero-shot)",
+               "<directory of *.tar>, <glob>*.tar or <file>.tar (WebDataset-style shards)",
+               "synthetic:shapes (the embedded dataset)")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+log = logging.getLogger(__name__)
+
+
+class Source:
+    """Random access records. `name` appears in every error; `class_names` is set by
+    classification sources. pipeline.make_source attaches `train_transform` / `eval_transform`
+    (records here hold undecoded images)."""
+    name: str = ""
+    class_names: tuple[str, ...] | None = None
+    train_transform = None
+    eval_transform = None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index) -> dict:
+        raise NotImplementedError
+
+    def describe(self, index) -> str:
+        """Where record `index` comes from, for messages about it (a file, a tar member)."""
+        return f"{self.name}[{index}]"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} records)"
+
+
+def open_source(spec: str, key: str = "source") -> Source:
+    """The source a config string names (any form but synthetic:); `key` (the config key) is
+    named in errors."""
+    spec = str(spec).strip()
+    if spec.startswith("tfds:"):
+        name, _, split = spec[len("tfds:"):].rpartition("/")
+        if not name or not split:
+            raise ValueError(f"{key}={spec!r}: expected tfds:<name>/<split>, e.g. "
+                             f"'tfds:coco_captions/train'")
+        return TfdsSource(name, split)
+    path = Path(spec).expanduser()
+    if _SCHEME.match(spec) and not path.exists():
+        raise ValueError(f"{key}={spec!r}: unknown data source scheme; known forms: "
+                         f"{list(KNOWN_FORMS)}")
+    if any(c in spec for c in "*?[") and spec.endswith(".tar"):
+        return TarShardSource(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"{key}={spec!r}: {path} does not exist; known forms: "
+                                f"{list(KNOWN_FORMS)}")
+    if path.is_file():
+        if path.suffix in (".jsonl", ".csv"):
+            return PairsSource(path)
+        if path.suffix == ".tar":
+            return TarShardSource(str(path))
+        raise ValueError(f"{key}={spec!r}: unknown file format {path.suffix!r}; known forms: "
+                         f"{list(KNOWN_FORMS)}")
+    if any(path.glob("*.tar")):
+        return TarShardSource(str(path))
+    for pairs in ("pairs.jsonl", "pairs.csv"):
+        if (path / pairs).is_file():
+            return PairsSource(path / pairs)
+    if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+        return ClassFolderSource(path)
+    raise ValueError(f"{key}={spec!r}: {path} holds no *.tar, pairs.jsonl/csv or class "
+                     f"folders; known forms: {list(KNOWN_FORMS)}")
+
+
+def clean_captions(value, where: str) -> tuple[str, ...]:
+    """A caption field -> its non-empty captions: a string, or a list whose string items count
+    (other items are ignored). BrokenRecord when nothing usable is left."""
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in value]
+        items = [v for v in items if isinstance(v, str)]
+        if not items:
+            raise BrokenRecord(f"{where}: caption list without strings")
+    else:
+        raise BrokenRecord(f"{where}: caption is a {type(value).__name__}, not a string")
+    captions = tuple(c.strip() for c in items if c.strip())
+    if not captions:
+        raise BrokenRecord(f"{where}: empty caption")
+    return captions
+
+
+def _text_record(fields: dict, where: str) -> dict:
+    """caption / captions / long_caption fields -> the record's text part."""
+    if "captions" in fields:
+        captions = clean_captions(fields["captions"], where)
+    elif "caption" in fields:
+        captions = clean_captions(fields["caption"], where)
+    else:
+        raise BrokenRecord(f"{where}: no caption")
+    record = {"caption": captions[0], "captions": captions}
+    long = fields.get("long_caption")
+    if isinstance(long, str) and long.strip():
+        record["long_caption"] = long.strip()
+    return record
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BrokenRecord(f"{path}: missing file") from None
+    except OSError as err:
+        raise BrokenRecord(f"{path}: unreadable ({err})") from None
+    if not data:
+        raise BrokenRecord(f"{path}: empty file")
+    return data
+
+
+def _nonempty_file(path: str) -> bool:
+    try:
+        return os.stat(path).st_size > 0
+    except OSError:
+        return False
+
+
+def human(name: str) -> str:
+    """A class name as a caption: underscores as spaces."""
+    return name.replace("_", " ").strip()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class TfdsSource(Source):
+    """A prepared tfds dataset through `tfds.data_source` (array_record, random access)."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None = None):
+        import tensorflow_datasets as tfds  # only tfds sources need it
+        self.name = f"tfds:{name}/{split}"
+        try:
+            self.data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as err:
+            raise FileNotFoundError(
+                f"{self.name}: tfds cannot open it ({type(err).__name__}: {str(err)[:300]}). "
+                f"Prepare it once with `tfds build {name.split('/')[0]}` (TFDS_DATA_DIR or "
+                f"~/tensorflow_datasets), then rerun.") from err
+        features = self.data.dataset_info.features
+        keys = set(features.keys())
+        self.caption_key = next((k for k in ("captions", "caption", "text") if k in keys), None)
+        label = features["label"] if "label" in keys else None
+        if label is not None and hasattr(label, "names"):
+            self.class_names = tuple(human(n) for n in label.names)
+        if self.caption_key is None and self.class_names is None:
+            raise ValueError(f"{self.name}: neither captions ('captions', 'caption', 'text') nor "
+                             f"class labels ('label') among its features {sorted(keys)}")
+        if len(self.data) == 0:
+            raise ValueError(f"{self.name}: the split has no records")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index) -> dict:
+        where = f"{self.name}[{index}]"
+        try:
+            example = self.data[int(index)]
+        except Exception as err:  # a corrupt record must not stop the run
+            raise BrokenRecord(f"{where}: unreadable ({type(err).__name__}: {err})") from None
+        record = {"image": example["image"]}
+        if "label" in example and self.class_names is not None:
+            record["label"] = int(example["label"])
+        if self.caption_key is not None:
+            value = example[self.caption_key]
+            if isinstance(value, dict):  # captions: Sequence({"text": ...})
+                value = value.get("text", ())
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            record.update(_text_record({"captions": value}, where))
+        else:
+            name = self.class_names[record["label"]]
+            record.update(caption=name, captions=(name,))
+        return record
+
+
+class PairsSource(Source):
+    """pairs.jsonl / pairs.csv: rows of image path (relative to the file) and caption(s)."""
+
+    def __init__(self, path):
+        path = Path(path)
+        self.name, self.root = str(path), path.parent
+        self.rows: list[tuple[str, dict] | str] = []   # (image path, text record) or a reason
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            if path.suffix == ".csv":
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+                    raise ValueError(f"{path}: a pairs.csv needs a header with 'image' and "
+                                     f"'caption' columns; found {reader.fieldnames}")
+                for line, row in enumerate(reader, start=2):
+                    row["caption"] = _csv_caption(row.get("caption"))
+                    self.rows.append(self._parse(row, f"{path}:{line}"))
+            else:
+                for line, text in enumerate(f, start=1):
+                    if text.strip():
+                        self.rows.append(self._parse_json(text, f"{path}:{line}"))
+        self._check()
+
+    def _parse_json(self, text: str, where: str):
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"{where}: invalid JSON ({err})"
+        if not isinstance(row, dict):
+            return f"{where}: a line must be a JSON object"
+        return self._parse(row, where)
+
+    def _parse(self, row: dict, where: str):
+        image = row.get("image")
+        if not isinstance(image, str) or not image.strip():
+            return f"{where}: no image path"
+        try:
+            text = _text_record(row, where)
+        except BrokenRecord as err:
+            return str(err)
+        return str(self.root / image.strip()), text
+
+    def _check(self):
+        if not self.rows:
+            raise ValueError(f"{self.name}: no rows")
+        reasons = []
+        for row in self.rows:
+            if isinstance(row, str):
+                reasons.append(row)
+            elif _nonempty_file(row[0]):
+                return
+            else:
+                reasons.append(f"{row[0]}: missing or empty file")
+        raise ValueError(f"{self.name}: none of its {len(self.rows)} rows is usable, e.g. "
+                         f"{reasons[:3]}")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def describe(self, index) -> str:
+        row = self.rows[index]
+        return f"{self.name}[{index}]" if isinstance(row, str) else row[0]
+
+    def __getitem__(self, index) -> dict:
+        row = self.rows[index]
+        if isinstance(row, str):
+            raise BrokenRecord(row)
+        return {"image": _read_file(row[0]), **row[1]}
+
+
+def _csv_caption(cell):
+    """A csv caption cell: a JSON list when it parses as one, else the text itself."""
+    if isinstance(cell, str) and cell.lstrip().startswith("["):
+        try:
+            value = json.loads(cell)
+        except json.JSONDecodeError:
+            return cell
+        return value if isinstance(value, list) else cell
+    return cell
+
+
+class ClassFolderSource(Source):
+    """<root>/<class name>/<image files>; classes sorted by folder name, the caption is the
+    class name. Files without an image extension are not records (README.txt); a broken file
+    with one is a broken record."""
+
+    def __init__(self, root):
+        root = Path(root)
+        self.name = str(root)
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise ValueError(f"{root}: no class folders")
+        self.class_names = tuple(human(p.name) for p in folders)
+        self.files: list[str] = []
+        labels = []
+        for label, folder in enumerate(folders):
+            names = sorted(e.name for e in os.scandir(folder) if e.is_file()
+                           and not e.name.startswith(".")
+                           and e.name.lower().endswith(IMAGE_EXTENSIONS))
+            self.files += [str(folder / n) for n in names]
+            labels += [label] * len(names)
+        self.labels = np.asarray(labels, np.int32)
+        if not any(_nonempty_file(f) for f in self.files):
+            raise ValueError(f"{root}: no non-empty image file ({', '.join(IMAGE_EXTENSIONS)}) "
+                             f"in its {len(folders)} class folders")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self, index) -> str:
+        return self.files[index]
+
+    def __getitem__(self, index) -> dict:
+        label = int(self.labels[index])
+        name = self.class_names[label]
+        return {"image": _read_file(self.files[index]), "caption": name, "captions": (name,),
+                "label": label}
+
+
+class TarShardSource(Source):
+    """WebDataset-style shards (uncompressed tar) with an index of member offsets."""
+
+    def __init__(self, pattern: str):
+        self.name = pattern
+        path = Path(pattern).expanduser()
+        paths = sorted(glob.glob(str(path / "*.tar"))) if path.is_dir() else (
+            sorted(glob.glob(str(path))))
+        if not paths:
+            raise FileNotFoundError(f"{pattern}: no *.tar shards")
+        self.paths = paths
+        keys, columns = [], {k: [] for k in ("shard", "image_at", "image_size", "text_at",
+                                              "text_size", "text_json")}
+        for shard, shard_path in enumerate(paths):
+            for key, members in self._scan(shard_path).items():
+                image = next((members[e] for e in TAR_IMAGE_EXTENSIONS if e in members), None)
+                text = members.get("txt") or members.get("json")
+                if image is None and text is None:
+                    continue  # a key with other members only (.cls, ...): not a sample
+                keys.append(f"{Path(shard_path).name}:{key}")
+                columns["shard"].append(shard)
+                columns["image_at"].append(image[0] if image else -1)
+                columns["image_size"].append(image[1] if image else -1)
+                columns["text_at"].append(text[0] if text else -1)
+                columns["text_size"].append(text[1] if text else -1)
+                columns["text_json"].append("txt" not in members)
+        self.keys = keys
+        self.index = {k: np.asarray(v, np.int64) for k, v in columns.items()}
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+        if not keys:
+            raise ValueError(f"{pattern}: its {len(paths)} shards hold no <key>.<jpg|jpeg|png|webp>"
+                             f" + <key>.<txt|json> samples")
+        if not any(self._usable(i) for i in range(len(keys))):
+            raise ValueError(f"{pattern}: none of its {len(keys)} samples has a non-empty image "
+                             f"and a non-empty caption")
+
+    @staticmethod
+    def _scan(path: str) -> dict[str, dict[str, tuple[int, int]]]:
+        """key -> {extension: (data offset, size)} from the tar headers of one shard."""
+        samples: dict[str, dict[str, tuple[int, int]]] = {}
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, base = os.path.split(member.name)
+                    stem, dot, ext = base.partition(".")
+                    if dot:
+                        key = f"{folder}/{stem}" if folder else stem
+                        samples.setdefault(key, {})[ext.lower()] = (member.offset_data,
+                                                                    member.size)
+        except (tarfile.TarError, OSError) as err:
+            log.warning("%s: shard unreadable after %d samples (%s); using those", path,
+                        len(samples), err)
+        return samples
+
+    def _usable(self, i: int) -> bool:
+        if self.index["image_size"][i] <= 0 or self.index["text_size"][i] <= 0:
+            return False
+        try:
+            return bool(self._text(i))
+        except BrokenRecord:
+            return False
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fds": {}}  # file descriptors do not travel to workers
+
+    def _read(self, i: int, at: str, size: str, what: str) -> bytes:
+        if os.getpid() != self._pid:
+            self._fds, self._pid = {}, os.getpid()
+        shard = int(self.index["shard"][i])
+        offset, length = int(self.index[at][i]), int(self.index[size][i])
+        if offset < 0:
+            raise BrokenRecord(f"{self.name} {self.keys[i]}: no {what} member")
+        if length == 0:
+            raise BrokenRecord(f"{self.name} {self.keys[i]}: empty {what} member")
+        try:
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            data = os.pread(fd, length, offset)  # no shared file position: thread-safe
+        except OSError as err:
+            raise BrokenRecord(f"{self.keys[i]}: unreadable ({err})") from None
+        if len(data) < length:
+            raise BrokenRecord(f"{self.name} {self.keys[i]}: {what} member cut short")
+        return data
+
+    def _text(self, i: int) -> dict:
+        data = self._read(i, "text_at", "text_size", "caption")
+        where = f"{self.name} {self.keys[i]}"
+        text = data.decode("utf-8", "replace")
+        if not self.index["text_json"][i]:
+            return _text_record({"caption": text}, where)
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise BrokenRecord(f"{where}: invalid JSON ({err})") from None
+        if not isinstance(fields, dict):
+            raise BrokenRecord(f"{where}: the .json member must hold an object")
+        return _text_record(fields, where)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def describe(self, index) -> str:
+        return f"{self.name} {self.keys[index]}"
+
+    def __getitem__(self, index) -> dict:
+        text = self._text(index)
+        return {"image": self._read(index, "image_at", "image_size", "image"), **text}
