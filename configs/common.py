@@ -79,10 +79,12 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0,
         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),  # pixels -> [-1, 1]
         lower_case=False,
-        threads=2,
+        threads=2,               # grain threads reading and decoding records
+        workers=0,               # grain worker processes (0: threads only)
     ))
     c.eval = ml_collections.ConfigDict(dict(
         zeroshot="",             # a zero-shot dataset reported at every evaluation
+        zeroshot_limit=0,        # evaluate on its first N usable images (0: all)
         batch_size=256,
     ))
     c.model = ml_collections.ConfigDict(dict(

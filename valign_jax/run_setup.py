@@ -131,6 +131,7 @@ class MetricsLog:
                                                       writer=self.writer, every_secs=30)
         self.path = workdir / "metrics.jsonl" if primary else None
         self.train_loss = None
+        self.skipped = 0  # broken training records dropped by this process so far
         self.last = _last_line(workdir / "metrics.jsonl")  # a resumed run's latest so far
 
     def progress(self, step: int) -> None:
@@ -147,11 +148,19 @@ class MetricsLog:
         metrics = dict(metrics)
         if self.train_loss is not None:
             metrics["train/loss"] = self.train_loss
+        metrics["data/skipped_examples"] = self._all_processes(self.skipped)
         self.writer.write_scalars(step, metrics)
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.last = {"step": step, **metrics}
+
+    @staticmethod
+    def _all_processes(count: int) -> int:
+        if jax.process_count() == 1:
+            return count
+        from jax.experimental import multihost_utils
+        return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
 
     def close(self) -> None:
         self.writer.flush()

@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import numpy as np
 from absl import logging
 
 from valign_jax import checkpointing, optim, peft, sharding
-from valign_jax.data import pipeline
+from valign_jax import feature_caching
+from valign_jax.data import feature_cache, pipeline, synthetic
+from valign_jax.evaluation import zeroshot
 from valign_jax.evaluation.evaluator import (Evaluators, FeatureEncoder, RetrievalEvaluator,
                                              ZeroShotEvaluator, eval_batch_size)
 from valign_jax.run_setup import (MetricsLog, build_model, initial_params, load_config,
@@ -82,20 +85,29 @@ def train_and_evaluate(config, workdir) -> dict:
         config = _run_pretrain_stage(config, workdir)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(config.batch_size, mesh)
-    model = build_model(config)
+    cached = bool(config.data.get("feature_cache"))
+    model = feature_caching.cached_model(config) if cached else build_model(config)
     write_run_files(workdir, config, model)
 
-    # Data: the training stream, and the tokenizer every caption goes through.
-    image_size = model.image_config.image_size
+    # Data: the training stream, and how captions and pixels become model inputs.
+    image_size = config.model.image.image_size or getattr(model.image_config, "image_size", 0)
     tokenizer = pipeline.make_tokenizer(config.model.text, config.data.lower_case)
-    collate = pipeline.Collate(tokenizer, config.data.image_mean, config.data.image_std,
+    mean, std = pipeline.normalization(config.model.image, config.data)
+    collate = pipeline.Collate(tokenizer, mean, std,
                                multi_positive=config.objective.multi_positive)
-    train_source = pipeline.make_source(config.data.train, "train", config.data, image_size,
-                                        "config.data.train")
+    if cached:
+        train_source = feature_cache.CachedFeatures(feature_caching.cache_dir(config, "train"))
+        train_data = pipeline.cached_train_dataset(train_source, config.batch_size, config.seed,
+                                                   config.data.threads)
+    else:
+        train_source = pipeline.make_source(config.data.train, "train", config.data,
+                                            image_size, "config.data.train")
+        train_data = pipeline.train_dataset(train_source, collate, config.batch_size,
+                                            config.seed, config.data.threads,
+                                            num_workers=config.data.workers)
     total_steps = config.total_steps or math.ceil(
         config.num_epochs * len(train_source) / config.batch_size)
-    train_iter = iter(pipeline.train_dataset(train_source, collate, config.batch_size,
-                                             config.seed, config.data.threads))
+    train_iter = iter(train_data)
 
     trainer = make_trainer(config, model, mesh, total_steps)
     report = peft.report(trainer.abstract_params, trainer.labels)
@@ -118,7 +130,8 @@ def train_and_evaluate(config, workdir) -> dict:
     else:
         state = trainer.init_state(params)
 
-    evaluator = _make_evaluator(config, model, mesh, trainer.param_sh, collate, image_size)
+    evaluator = _make_evaluator(config, model, mesh, trainer.param_sh, collate, image_size,
+                                cached)
     log = MetricsLog(workdir, config, total_steps)
     log.writer.write_texts(0, {"parameters": "    " + report.replace("\n", "\n    ")})
     if start == 0:
@@ -141,7 +154,9 @@ def _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_
     pending, previous = [], None
     for step in range(start, total_steps):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            batch = sharding.global_batch(next(train_iter), mesh)
+            local = next(train_iter)
+            log.skipped += int(local.pop("skipped", np.zeros(1)).sum())
+            batch = sharding.global_batch(local, mesh)
             args = (state, batch) if teacher is None else (state, batch, teacher)
             state, metrics = trainer.train_step(*args)
         pending.append(metrics)
@@ -175,20 +190,28 @@ def _check_finite(step: int, metrics: dict, checkpoints) -> None:
         f"config.optim.grad_clip_norm, then rerun to resume from it.")
 
 
-def _make_evaluator(config, model, mesh, param_sh, collate, image_size: int):
+def _make_evaluator(config, model, mesh, param_sh, collate, image_size: int, cached: bool):
     """Retrieval + geometry on config.data.eval; zero-shot on config.eval.zeroshot."""
     encoder = FeatureEncoder(model, mesh, param_sh, eval_batch_size(config.eval.batch_size, mesh))
+    if cached:  # features of the eval split, cached with the training split's
+        eval_cache = feature_cache.CachedFeatures(feature_caching.cache_dir(config, "eval"))
+        if config.eval.zeroshot:
+            logging.warning("config.eval.zeroshot is not evaluated when training from cached "
+                            "features: class prompts need the text tower")
+        return RetrievalEvaluator.from_cache(encoder, eval_cache)
     source = pipeline.make_source(config.data.eval, "eval", config.data, image_size,
                                   "config.data.eval")
-    records = [source[i] for i in range(len(source))]
-    evaluators = [RetrievalEvaluator(encoder, records, collate)]
+    evaluators = [RetrievalEvaluator(encoder, pipeline.eval_records(source).records, collate)]
     if config.eval.zeroshot:
-        if config.eval.zeroshot != "synthetic:shapes":
-            raise ValueError(f"config.eval.zeroshot={config.eval.zeroshot!r}: only "
-                             f"'synthetic:shapes' is supported during training so far")
-        from valign_jax.data import synthetic
-        evaluators.append(ZeroShotEvaluator(encoder, records, collate, synthetic.CLASS_NAMES,
-                                            synthetic.ZEROSHOT_TEMPLATES, "synthetic"))
+        spec = config.eval.zeroshot
+        zs_source = source if spec == config.data.eval else pipeline.make_source(
+            spec, "eval", config.data, image_size, "config.eval.zeroshot")
+        records = pipeline.eval_records(zs_source, limit=config.eval.zeroshot_limit or None)
+        synthetic_data = spec.startswith("synthetic:")
+        name = "synthetic" if synthetic_data else getattr(zs_source, "name", spec)
+        templates = synthetic.ZEROSHOT_TEMPLATES if synthetic_data else zeroshot.TEMPLATES
+        evaluators.append(ZeroShotEvaluator(encoder, records.records, collate,
+                                            pipeline.class_names(zs_source), templates, name))
     return Evaluators(*evaluators)
 
 

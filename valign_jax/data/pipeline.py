@@ -244,6 +244,21 @@ def train_dataset(source, collate: Collate, global_batch_size: int, seed: int,
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
 
 
+def cached_train_dataset(cache, global_batch_size: int, seed: int,
+                         threads: int = 2) -> grain.IterDataset:
+    """The training stream over cached tower features (feature_cache.CachedFeatures): the same
+    seeded, per-process order as train_dataset, one caption's features sampled per image per
+    epoch. A cache holds no broken rows: they were skipped when it was written."""
+    import jax
+    from valign_jax.data import feature_cache
+    count, index = jax.process_count(), jax.process_index()
+    ds = grain.MapDataset.source(cache).shuffle(seed=seed).repeat(None)[index::count]
+    ds = ds.random_map(feature_cache.sample_caption, seed=seed)
+    ds = ds.batch(global_batch_size // count, drop_remainder=True,
+                  batch_fn=feature_cache.collate_features)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4))
+
+
 # ---------------------------------------------------------------------------------------------
 # Held-out evaluation
 

@@ -90,6 +90,23 @@ class RetrievalEvaluator:
         # Geometry pairs each image with its first caption.
         self.first_caption = np.cumsum([0] + [len(c) for c in captions[:-1]])
 
+    @classmethod
+    def from_cache(cls, encoder: FeatureEncoder, cache):
+        """Over cached tower features (feature_cache.CachedFeatures): the inputs are features,
+        which the model's FeaturesTowers pass to the heads; hits are an image's own captions."""
+        self = cls.__new__(cls)
+        self.encoder = encoder
+        rows = [cache[i] for i in range(len(cache))]
+        counts = [int(r["num_captions"]) for r in rows]
+        self.pixel_values = np.stack([r["image_features"] for r in rows])
+        texts = np.concatenate([r["text_features"][:n] for r, n in zip(rows, counts)])
+        self.tokens = {"input_ids": texts,  # FeaturesTowers ignore the mask
+                       "attention_mask": np.ones((len(texts), 1), np.int32)}
+        self.image_keys = np.arange(len(rows))
+        self.text_keys = np.repeat(self.image_keys, counts)
+        self.first_caption = np.cumsum([0] + counts[:-1])
+        return self
+
     def __call__(self, params) -> dict[str, float]:
         img = self.encoder.images(params, self.pixel_values)
         txt = self.encoder.texts(params, self.tokens)

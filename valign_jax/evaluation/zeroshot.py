@@ -20,6 +20,13 @@ from valign_jax.evaluation.retrieval import stable_rank
 _BLOCK_ELEMENTS = 1 << 22
 
 
+# The 7-prompt ensemble OpenAI selected from its 80 ImageNet templates (CLIP's notebook); a
+# class's embedding averages them.
+TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+             "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
+             "a photo of the small {}.")
+
+
 def class_embeddings(text_features, num_classes: int, num_templates: int) -> np.ndarray:
     """(num_classes * num_templates, D) class-major text features -> (num_classes, D), unit rows.
 
