@@ -17,7 +17,8 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Recipe config file, e.g. configs/lilt.py:lilt_lwa",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard logs go.")
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard logs go "
+                    "(default: workdirs/<recipe>_<config argument>; rerunning resumes there).")
 flags.DEFINE_bool("dry_run", False, "Print the parameter report and exit; reads no weights.")
 flags.DEFINE_enum("mode", "train", ["train", "cache_features"],
                   "train: train and evaluate in --workdir. cache_features: run the frozen "
@@ -53,18 +54,26 @@ def main(argv):
         for path in feature_caching.cache_all(config):
             print(f"features cached in {path}")
         return
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required for a training run")
+    workdir = FLAGS.workdir or default_workdir(sys.argv)
     _quiet_library_logs()
     try:
-        metrics = train.train_and_evaluate(config, FLAGS.workdir)
+        metrics = train.train_and_evaluate(config, workdir)
     except (OSError, ValueError, FloatingPointError) as err:
         # Errors about the user's input: the message says what to change; the traceback is
         # for developers (--verbosity=1).
         logging.debug("traceback", exc_info=True)
         print(f"FATAL: {err}", file=sys.stderr)
         sys.exit(1)
-    print(summary(FLAGS.workdir, metrics))
+    print(summary(workdir, metrics))
+
+
+def default_workdir(argv) -> str:
+    """workdirs/<recipe>_<argument>, from --config=configs/<recipe>.py:<argument>."""
+    from pathlib import Path
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "run")
+    path, _, arg = spec.partition(":")
+    name = "_".join(t for t in [Path(path).stem, *arg.split(",")] if t)
+    return str(Path("workdirs") / name)
 
 
 def summary(workdir: str, metrics: dict) -> str:
