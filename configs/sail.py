@@ -35,6 +35,9 @@ def get_config(arg=None):
     c.model.logit_preset = "sail"
     c.peft.recipe = "heads_only"
     c.objective.update(kind="sigmoid", norm="pairs", multi_positive=True)
+    # The towers are frozen: their features are computed once into <workdir>/feature_cache
+    # (the first run builds it) and training reads only those.
+    c.data.feature_cache = "feature_cache"
     c.data.train, c.data.eval = "pairs.jsonl", "tfds:coco_captions/test"
     c.batch_size, c.num_epochs = 32_768, 50
     c.optim.update(name="lion", lr=1e-5, warmup_init_lr=0.0, end_lr=0.0, warmup_fraction=0.1,

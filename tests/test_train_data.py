@@ -54,18 +54,19 @@ def test_trains_on_local_pairs_and_reports_zero_shot_on_class_folders(tmp_path):
 
 def test_sail_trains_from_the_feature_cache_without_towers(tmp_path):
     config = tiny_config("sail", steps=2)
-    config.data.feature_cache = str(tmp_path / "cache")
-    with pytest.raises(FileNotFoundError, match="--mode=cache_features"):
-        train.train_and_evaluate(config, tmp_path / "too_early")
-
-    feature_caching.cache_all(config)
+    assert config.data.feature_cache == "feature_cache"  # relative: inside the workdir
+    # The first run builds the cache (the towers run once), then trains from it.
     final = train.train_and_evaluate(config, tmp_path / "run")
+    assert (tmp_path / "run/feature_cache/train/manifest.json").is_file()
     assert np.isfinite(final["retrieval/i2t_r1"]) and np.isfinite(final["train/loss"])
     model, params, _ = valign_jax.load_trained(tmp_path / "run")
     assert isinstance(model.image_config, FeaturesConfig)
     assert isinstance(model.text_config, FeaturesConfig)
     assert "vision_model" not in params and "text_model" not in params  # no tower weights
 
-    config.model.text.max_length = 20  # a config the cache was not made with
+    # A shared cache (absolute path) made under another config is refused, never overwritten.
+    feature_caching.cache_all(config, tmp_path / "elsewhere")
+    config.data.feature_cache = str(tmp_path / "elsewhere/feature_cache")
+    config.model.text.max_length = 20
     with pytest.raises(ValueError, match="max_length: cache has 40, config says 20"):
         train.train_and_evaluate(config, tmp_path / "other")

@@ -5,7 +5,9 @@ runs the towers.
     python -m valign_jax.main --config=configs/sail.py:demo --mode=cache_features
     python -m valign_jax.main --config=configs/sail.py:demo --workdir=DIR   # trains from it
 
-The cache lives in `config.data.feature_cache` (`train/` and `eval/` inside). Its manifest
+The cache lives in `config.data.feature_cache` (`train/` and `eval/` inside; a relative path is
+inside the run's workdir). A training run whose cache is missing or unfinished builds it first,
+so one command does both; `--mode=cache_features` builds it alone. Its manifest
 records what produced it — checkpoints, presets, pooling, dtype, image size, caption length,
 data source — and a training run whose config disagrees is refused with the difference named.
 """
@@ -25,8 +27,11 @@ from valign_jax.run_setup import build_model, initial_params
 SPLITS = ("train", "eval")
 
 
-def cache_dir(config, split: str) -> Path:
-    return Path(config.data.feature_cache).absolute() / split
+def cache_dir(config, split: str, workdir=None) -> Path:
+    path = Path(config.data.feature_cache)
+    if not path.is_absolute():
+        path = Path(workdir or ".").absolute() / path
+    return path / split
 
 
 def manifest(config, split: str) -> dict:
@@ -47,7 +52,7 @@ def manifest(config, split: str) -> dict:
     return out
 
 
-def cache_all(config) -> list[Path]:
+def cache_all(config, workdir=None) -> list[Path]:
     """Run the towers over data.train and data.eval into the cache; resumes a partial cache."""
     if not config.data.get("feature_cache"):
         raise ValueError("--mode=cache_features needs config.data.feature_cache: the directory "
@@ -67,19 +72,21 @@ def cache_all(config) -> list[Path]:
                                       f"config.data.{split}")
         logging.info("caching %s features of %s (%d examples)", split, spec, len(source))
         written.append(feature_cache.cache_features(
-            model, params, source, collate, cache_dir(config, split), manifest(config, split),
+            model, params, source, collate, cache_dir(config, split, workdir),
+            manifest(config, split),
             mesh=mesh, batch_size=config.eval.batch_size))
     return written
 
 
-def cached_model(config):
+def cached_model(config, workdir=None):
     """The DualEncoder that trains from the cache: FeaturesConfig towers, the config's heads.
-    Refuses a cache that is missing, partial or made under a different config."""
-    for split in SPLITS:
-        try:
-            feature_cache.check_manifest(cache_dir(config, split), manifest(config, split))
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err}\nBuild the cache first: python -m valign_jax.main "
-                                    f"--config=... --mode=cache_features") from err
-    image_cfg, text_cfg = feature_cache.feature_configs(cache_dir(config, "train"))
+    Builds a missing or unfinished cache; refuses one made under a different config."""
+    try:
+        for split in SPLITS:
+            feature_cache.check_manifest(cache_dir(config, split, workdir),
+                                         manifest(config, split))
+    except FileNotFoundError as err:
+        logging.info("building the feature cache (%s)", err)
+        cache_all(config, workdir)
+    image_cfg, text_cfg = feature_cache.feature_configs(cache_dir(config, "train", workdir))
     return build.build_dual_encoder(config.model, towers=(image_cfg, text_cfg))

@@ -48,13 +48,13 @@ def main(argv):
         return
     from valign_jax import sharding, train  # the data and logging stack load only for real runs
     sharding.initialize_distributed()  # a no-op unless the launcher set VALIGN_* variables
-    if FLAGS.mode == "cache_features":
+    workdir = FLAGS.workdir or default_workdir(sys.argv)
+    if FLAGS.mode == "cache_features":  # relative config.data.feature_cache: in the workdir
         from valign_jax import feature_caching
         _quiet_library_logs()
-        for path in feature_caching.cache_all(config):
+        for path in feature_caching.cache_all(config, workdir):
             print(f"features cached in {path}")
         return
-    workdir = FLAGS.workdir or default_workdir(sys.argv)
     _quiet_library_logs()
     try:
         metrics = train.train_and_evaluate(config, workdir)

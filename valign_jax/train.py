@@ -86,7 +86,7 @@ def train_and_evaluate(config, workdir) -> dict:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(config.batch_size, mesh)
     cached = bool(config.data.get("feature_cache"))
-    model = feature_caching.cached_model(config) if cached else build_model(config)
+    model = feature_caching.cached_model(config, workdir) if cached else build_model(config)
     write_run_files(workdir, config, model)
 
     # Data: the training stream, and how captions and pixels become model inputs.
@@ -96,7 +96,8 @@ def train_and_evaluate(config, workdir) -> dict:
     collate = pipeline.Collate(tokenizer, mean, std,
                                multi_positive=config.objective.multi_positive)
     if cached:
-        train_source = feature_cache.CachedFeatures(feature_caching.cache_dir(config, "train"))
+        train_source = feature_cache.CachedFeatures(
+            feature_caching.cache_dir(config, "train", workdir))
         train_data = pipeline.cached_train_dataset(train_source, config.batch_size, config.seed,
                                                    config.data.threads)
     else:
@@ -131,7 +132,8 @@ def train_and_evaluate(config, workdir) -> dict:
         state = trainer.init_state(params)
 
     evaluator = _make_evaluator(config, model, mesh, trainer.param_sh, collate, image_size,
-                                cached)
+                                feature_caching.cache_dir(config, "eval", workdir) if cached
+                                else None)
     log = MetricsLog(workdir, config, total_steps)
     log.writer.write_texts(0, {"parameters": "    " + report.replace("\n", "\n    ")})
     if start == 0:
@@ -190,15 +192,21 @@ def _check_finite(step: int, metrics: dict, checkpoints) -> None:
         f"config.optim.grad_clip_norm, then rerun to resume from it.")
 
 
-def _make_evaluator(config, model, mesh, param_sh, collate, image_size: int, cached: bool):
-    """Retrieval + geometry on config.data.eval; zero-shot on config.eval.zeroshot."""
+def _make_evaluator(config, model, mesh, param_sh, collate, image_size: int, eval_cache_dir):
+    """Retrieval + geometry on config.data.eval (or its cached features); zero-shot on
+    config.eval.zeroshot."""
     encoder = FeatureEncoder(model, mesh, param_sh, eval_batch_size(config.eval.batch_size, mesh))
-    if cached:  # features of the eval split, cached with the training split's
-        eval_cache = feature_cache.CachedFeatures(feature_caching.cache_dir(config, "eval"))
+    if eval_cache_dir is not None:  # features of the eval split, cached with the training split
+        eval_cache = feature_cache.CachedFeatures(eval_cache_dir)
         if config.eval.zeroshot:
             logging.warning("config.eval.zeroshot is not evaluated when training from cached "
                             "features: class prompts need the text tower")
-        return RetrievalEvaluator.from_cache(encoder, eval_cache)
+        caption_sets = None
+        if config.data.eval.startswith("synthetic:"):  # equal attributes share their captions
+            source = pipeline.make_source(config.data.eval, "eval", config.data, image_size,
+                                          "config.data.eval")
+            caption_sets = [source[i]["captions"] for i in range(len(source))]
+        return RetrievalEvaluator.from_cache(encoder, eval_cache, caption_sets)
     source = pipeline.make_source(config.data.eval, "eval", config.data, image_size,
                                   "config.data.eval")
     evaluators = [RetrievalEvaluator(encoder, pipeline.eval_records(source).records, collate)]

@@ -91,18 +91,23 @@ class RetrievalEvaluator:
         self.first_caption = np.cumsum([0] + [len(c) for c in captions[:-1]])
 
     @classmethod
-    def from_cache(cls, encoder: FeatureEncoder, cache):
+    def from_cache(cls, encoder: FeatureEncoder, cache, caption_sets=None):
         """Over cached tower features (feature_cache.CachedFeatures): the inputs are features,
-        which the model's FeaturesTowers pass to the heads; hits are an image's own captions."""
+        which the model's FeaturesTowers pass to the heads. Hits: the captions of images with
+        the same caption set when `caption_sets` (per source index) is given, else an image's
+        own captions."""
         self = cls.__new__(cls)
         self.encoder = encoder
         rows = [cache[i] for i in range(len(cache))]
         counts = [int(r["num_captions"]) for r in rows]
+        groups: dict = {}
+        keys = range(len(rows)) if caption_sets is None else (
+            groups.setdefault(tuple(caption_sets[int(r["index"])]), len(groups)) for r in rows)
         self.pixel_values = np.stack([r["image_features"] for r in rows])
         texts = np.concatenate([r["text_features"][:n] for r, n in zip(rows, counts)])
         self.tokens = {"input_ids": texts,  # FeaturesTowers ignore the mask
                        "attention_mask": np.ones((len(texts), 1), np.int32)}
-        self.image_keys = np.arange(len(rows))
+        self.image_keys = np.asarray(list(keys))
         self.text_keys = np.repeat(self.image_keys, counts)
         self.first_caption = np.cumsum([0] + counts[:-1])
         return self
