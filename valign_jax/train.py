@@ -216,11 +216,19 @@ def _make_evaluator(config, model, mesh, param_sh, collate, image_size: int, eva
             spec, "eval", config.data, image_size, "config.eval.zeroshot")
         records = pipeline.eval_records(zs_source, limit=config.eval.zeroshot_limit or None)
         synthetic_data = spec.startswith("synthetic:")
-        name = "synthetic" if synthetic_data else getattr(zs_source, "name", spec)
+        name = "synthetic" if synthetic_data else _dataset_name(spec)
         templates = synthetic.ZEROSHOT_TEMPLATES if synthetic_data else zeroshot.TEMPLATES
         evaluators.append(ZeroShotEvaluator(encoder, records.records, collate,
                                             pipeline.class_names(zs_source), templates, name))
     return Evaluators(*evaluators)
+
+
+def _dataset_name(spec: str) -> str:
+    """A metric-name-friendly dataset name: tfds:cifar100/test -> cifar100, a/b/classes ->
+    classes."""
+    if spec.startswith("tfds:"):
+        return spec[len("tfds:"):].split("/")[0]
+    return Path(spec.rstrip("/")).name.replace(".", "_") or "zeroshot"
 
 
 def _run_pretrain_stage(config, workdir: Path):
