@@ -69,3 +69,25 @@ def test_sail_trains_from_the_feature_cache_without_towers(tmp_path):
     config.model.text.max_length = 20
     with pytest.raises(ValueError, match="max_length: cache has 40, config says 20"):
         train.train_and_evaluate(config, tmp_path / "other")
+
+
+def test_sail_with_tower_checkpoints_caches_their_features_and_trains_the_heads(tmp_path):
+    import transformers
+
+    import tiny_hf
+    transformers.FlaxViTModel(tiny_hf.vit_config(), seed=0).save_pretrained(tmp_path / "vit")
+    transformers.FlaxBertModel(tiny_hf.bert_config(), seed=0).save_pretrained(tmp_path / "bert")
+    vocab = tmp_path / "bert/vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                *synthetic.VOCABULARY]))
+    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(tmp_path / "bert")
+
+    config = tiny_config("sail", steps=2)
+    config.model.image.checkpoint = str(tmp_path / "vit")
+    config.model.text.checkpoint = str(tmp_path / "bert")
+    config.model.text.max_length = 16  # the tiny BERT's position table
+    final = train.train_and_evaluate(config, tmp_path / "run")
+    assert np.isfinite(final["train/loss"]) and np.isfinite(final["retrieval/t2i_r1"])
+    manifest = json.loads((tmp_path / "run/feature_cache/train/manifest.json").read_text())
+    assert manifest["image_checkpoint"] == str(tmp_path / "vit")
+    assert manifest["image_dim"] == 2 * 32 and manifest["text_dim"] == 32  # cls_mean, mean

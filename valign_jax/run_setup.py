@@ -18,7 +18,7 @@ from absl import logging
 
 from valign_jax import checkpointing, sharding
 from valign_jax.models import build
-from valign_jax.models.registry import overlay
+from valign_jax.models.registry import FeaturesConfig, overlay
 from valign_jax.train_step import clip_refine_objective, contrastive_objective
 
 
@@ -84,6 +84,8 @@ def initial_params(config, model, param_sh):
             from valign_jax import hf
             _, pretrained = hf.load_dual_encoder(source, dtype=config.model.dtype,
                                                  scan_layers=config.model.scan_layers)
+        elif isinstance(model.image_config, FeaturesConfig):
+            pretrained = {}  # trains from cached features: the model has no towers to load
         else:
             pretrained = build.pretrained_towers(config.model)
     if not pretrained:

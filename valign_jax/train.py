@@ -23,8 +23,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from valign_jax import checkpointing, optim, peft, sharding
-from valign_jax import feature_caching
+from valign_jax import checkpointing, feature_caching, optim, peft, sharding
 from valign_jax.data import feature_cache, pipeline, synthetic
 from valign_jax.evaluation import zeroshot
 from valign_jax.evaluation.evaluator import (Evaluators, FeatureEncoder, RetrievalEvaluator,
