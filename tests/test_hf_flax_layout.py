@@ -175,6 +175,19 @@ def test_save_dual_encoder_loads_in_transformers(checkpoints, tmp_path):
                     models["clip"].get_text_features(ids, mask)) <= TOL
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "msgpack"])
+def test_save_dual_encoder_round_trips_every_parameter(checkpoints, tmp_path, fmt):
+    """Both files read back to identical parameters, the 0-d logit_scale included."""
+    root, _ = checkpoints
+    model, params = hf.load_dual_encoder(root / "clip")
+    hf.save_dual_encoder(model, params, tmp_path, formats=(fmt,))
+    _, again = hf.load_dual_encoder(tmp_path)
+    assert np.shape(again["logit_scale"]) == ()
+    same = jax.tree_util.tree_map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                                  params, again)
+    assert all(jax.tree_util.tree_leaves(same))
+
+
 def test_saved_safetensors_load_in_pytorch(checkpoints, tmp_path):
     """Runs where torch is installed (not needed by CI): PyTorch classes read our safetensors."""
     torch = pytest.importorskip("torch")

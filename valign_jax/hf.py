@@ -276,8 +276,10 @@ def _write(directory: Path, hf_config: dict, module, params, prefix: str, format
     flat = traverse_util.flatten_dict(params)
     if "safetensors" in formats:
         from safetensors.numpy import save_file
-        tensors = {checkpoint_key(p, "pytorch", prefix): np.ascontiguousarray(
-            _to_pytorch(p[-1], np.asarray(v, np.float32))) for p, v in flat.items()}
+        # np.array(order="C"), not np.ascontiguousarray: that turns the 0-d logit_scale into
+        # shape (1,), which HF's CLIPModel (a 0-d parameter) and our loader refuse.
+        tensors = {checkpoint_key(p, "pytorch", prefix): np.array(
+            _to_pytorch(p[-1], np.asarray(v, np.float32)), order="C") for p, v in flat.items()}
         save_file(tensors, directory / SAFETENSORS, metadata={"format": "pt"})
     if "msgpack" in formats:
         tree = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), params)
