@@ -122,6 +122,15 @@ def _ref_zeroshot(img, cls, labels, k):
     return hits / len(img)
 
 
+def _ref_per_class_recall(img, cls, labels):
+    per_class = {}
+    for x, y in zip(img, labels):
+        sims = [_dot(_unit(x), _unit(c)) for c in cls]
+        top = min(range(len(cls)), key=lambda j: (-sims[j], j))
+        per_class.setdefault(y, []).append(top == y)
+    return sum(sum(h) / len(h) for h in per_class.values()) / len(per_class)
+
+
 def test_class_embeddings_matches_reference():
     rng = np.random.default_rng(6)
     n_cls, n_tpl = 4, 3
@@ -142,6 +151,7 @@ def test_zeroshot_matches_reference(n):
     labels = rng.integers(0, 6, size=n)
     got = zeroshot_metrics(img, cls, labels, ks=(1, 2, 5, 10))
     want = {f"top{k}": _ref_zeroshot(img.tolist(), cls.tolist(), labels.tolist(), k) for k in (1, 2, 5, 10)}
+    want["mean_per_class_recall"] = _ref_per_class_recall(img.tolist(), cls.tolist(), labels.tolist())
     _assert_close(got, want)
     assert got["top10"] == 1.0  # k clipped to 6 classes
 
@@ -149,7 +159,8 @@ def test_zeroshot_matches_reference(n):
 def test_zeroshot_perfect_and_errors():
     cls = np.eye(4, 5)
     labels = np.array([0, 1, 2, 3, 2, 1])
-    assert zeroshot_metrics(cls[labels] * 2.0, cls, labels) == {"top1": 1.0, "top5": 1.0}
+    assert zeroshot_metrics(cls[labels] * 2.0, cls, labels) == {
+        "top1": 1.0, "top5": 1.0, "mean_per_class_recall": 1.0}
     with pytest.raises(ValueError, match=r"label 7 is outside \[0, 4\)"):
         zeroshot_metrics(cls[labels], cls, np.array([0, 1, 7, 3, 2, 1]))
     with pytest.raises(ValueError, match=r"label -1"):
@@ -217,3 +228,29 @@ def test_geometry_errors():
         geometry_metrics(np.zeros((0, 5)), np.zeros((0, 5)))
     with pytest.raises(ValueError, match="all zeros"):
         geometry_metrics(np.zeros((2, 5)), np.ones((2, 5)))
+
+
+def test_mean_per_class_recall_weighs_classes_not_images():
+    """Nine images of class 0, all right, and one of class 1, wrong: top-1 is 0.9 but the mean
+    per-class recall is (1 + 0) / 2."""
+    cls = np.eye(3, 4)
+    labels = np.array([0] * 9 + [1])
+    img = cls[[0] * 9 + [2]]  # the class-1 image looks like class 2 (absent from the labels)
+    got = zeroshot_metrics(img, cls, labels, ks=(1,))
+    assert got == {"top1": 0.9, "mean_per_class_recall": 0.5}
+
+
+def test_template_sets():
+    from valign_jax.data import synthetic
+    from valign_jax.evaluation.templates import CLIP7, CLIP80, templates_for
+    assert len(CLIP80) == len(set(CLIP80)) == 80 and set(CLIP7) <= set(CLIP80)
+    assert all(t.count("{}") == 1 for t in CLIP80)
+    assert templates_for("auto", "tfds:cifar100/test") == CLIP80
+    assert templates_for("auto", "tfds:svhn_cropped/test") == ("a photo of the number {}",)
+    assert templates_for("single", "/data/flowers") == ("a photo of {}",)
+    assert templates_for("auto", "synthetic:shapes") == tuple(synthetic.ZEROSHOT_TEMPLATES)
+    assert templates_for(["a {} here"], "x") == ("a {} here",)
+    with pytest.raises(ValueError, match="config.eval.templates='clip81'.*clip80"):
+        templates_for("clip81", "x")
+    with pytest.raises(ValueError, match="exactly one"):
+        templates_for(["no slot"], "x")

@@ -20,7 +20,8 @@ class LookupEncoder:
     def __init__(self, image_features, text_features):
         self.image_features, self.text_features = image_features, text_features
 
-    def images(self, params, pixel_values):
+    def images(self, params, pixel_values, prepare=None):
+        pixel_values = prepare(pixel_values) if prepare else pixel_values
         index = np.rint((pixel_values[:, 0, 0, 0] + 1) * 127.5).astype(int)
         return self.image_features[index]
 
@@ -60,4 +61,28 @@ def test_zero_shot_averages_templates_and_names_the_dataset():
     evaluator = ZeroShotEvaluator(LookupEncoder(images, texts), records, Collate(),
                                   ["cat", "dog"], ["a {}", "art of {}"], "pets")
     metrics = Evaluators(evaluator)(None)
-    assert metrics == {"zeroshot/pets/top1": pytest.approx(2 / 3), "zeroshot/pets/top5": 1.0}
+    assert metrics == {"zeroshot/pets/top1": pytest.approx(2 / 3), "zeroshot/pets/top5": 1.0,
+                       "zeroshot/pets/mean_per_class_recall": pytest.approx((1 + 1 / 2) / 2)}
+
+
+def test_rows_of_one_image_file_are_one_image_and_languages_are_scored_apart():
+    """A multilingual pairs file lists image 0 twice (en, de) and image 1 twice (en, de):
+    2 images and 4 captions overall; per language, 2 images and 2 captions."""
+    records = [{"image": image(0), "image_id": "x.png", "caption": "red", "language": "en"},
+               {"image": image(1), "image_id": "y.png", "caption": "blue", "language": "en"},
+               {"image": image(0), "image_id": "x.png", "caption": "rot", "language": "de"},
+               {"image": image(1), "image_id": "y.png", "caption": "blau", "language": "de"}]
+    e = np.eye(2)
+    images = np.stack([e[0], e[1]])
+    # English captions are right; German ones are swapped (rot sits next to the blue image).
+    texts = {"red": e[0], "blue": e[1], "rot": e[1], "blau": e[0]}
+    evaluator = RetrievalEvaluator(LookupEncoder(images, texts), records, Collate())
+    assert len(evaluator.pixel_values) == 2 and evaluator.tokens["texts"] == [
+        "red", "rot", "blue", "blau"]
+    metrics = evaluator(None)
+    assert metrics["retrieval/en/i2t_r1"] == metrics["retrieval/en/t2i_r1"] == 1.0
+    assert metrics["retrieval/de/i2t_r1"] == metrics["retrieval/de/t2i_r1"] == 0.0
+    # Overall: each image's nearest captions are a right and a wrong one, tied; the stable
+    # tie-break picks the lower index (red for image 0: hit; rot for image 1: miss).
+    assert metrics["retrieval/i2t_r1"] == 0.5 and metrics["retrieval/t2i_r1"] == 0.5
+    assert metrics["retrieval/i2t_r5"] == 1.0

@@ -1,9 +1,11 @@
 """Zero-shot classification from precomputed features.
 
 `class_embeddings` is CLIP's prompt ensemble: each class name is written into several templates
-("a photo of a {}."), the text features are L2-normalised, averaged over templates and normalised
-again. `zeroshot_metrics` classifies each image by cosine similarity to those class embeddings and
-reports top-k accuracy; k beyond the number of classes is clipped, and ties are broken by class
+("a photo of a {}."; templates.py holds the template sets), the text features are L2-normalised,
+averaged over templates and normalised again. `zeroshot_metrics` classifies each image by cosine
+similarity to those class embeddings and reports top-k accuracy and the mean per-class recall (top-1 accuracy within each class present,
+averaged over those classes: what unbalanced sets such as SVHN or FGVC report); k beyond the
+number of classes is clipped, and ties are broken by class
 index exactly as a stable argsort of −similarity would (lower index first), so results are
 deterministic. Rows are processed in blocks, so memory stays O(block × classes).
 """
@@ -18,13 +20,6 @@ from valign_jax.evaluation.geometry import l2_normalize
 from valign_jax.evaluation.retrieval import stable_rank
 
 _BLOCK_ELEMENTS = 1 << 22
-
-
-# The 7-prompt ensemble OpenAI selected from its 80 ImageNet templates (CLIP's notebook); a
-# class's embedding averages them.
-TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",
-             "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
-             "a photo of the small {}.")
 
 
 def class_embeddings(text_features, num_classes: int, num_templates: int) -> np.ndarray:
@@ -42,7 +37,8 @@ def class_embeddings(text_features, num_classes: int, num_templates: int) -> np.
 
 def zeroshot_metrics(image_features, class_features, labels,
                      ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy {"top1": ..., "top5": ...} of images against class embeddings.
+    """{"top1": ..., "top5": ..., "mean_per_class_recall": ...} of images against class
+    embeddings.
 
     image_features (N, D); class_features (C, D), e.g. from `class_embeddings` (normalised again
     here, harmlessly); labels: N integers in [0, C).
@@ -65,4 +61,8 @@ def zeroshot_metrics(image_features, class_features, labels,
     step = max(1, _BLOCK_ELEMENTS // len(c))
     for start in range(0, len(x), step):
         ranks[start:start + step] = stable_rank(x[start:start + step] @ c.T, labels[start:start + step])
-    return {f"top{int(k)}": float(np.mean(ranks < min(int(k), len(c)))) for k in ks}
+    metrics = {f"top{int(k)}": float(np.mean(ranks < min(int(k), len(c)))) for k in ks}
+    present = np.unique(labels)
+    metrics["mean_per_class_recall"] = float(np.mean(
+        [np.mean(ranks[labels == k] == 0) for k in present]))
+    return metrics

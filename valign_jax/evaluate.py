@@ -1,0 +1,255 @@
+"""`python -m valign_jax.evaluate`: the metrics of a training run's checkpoint, or of an HF CLIP.
+
+    python -m valign_jax.evaluate --workdir=DIR [--step=N] [--out=FILE.json]
+    python -m valign_jax.evaluate --workdir=DIR --zeroshot=tfds:cifar100/test,/data/flowers
+    python -m valign_jax.evaluate --hf=openai/clip-vit-base-patch32 \\
+        --config=configs/clip_refine.py --out=before.json   # CLIP-Refine's "before"
+
+Writes FILE.json — {"step", "source", "metrics", "ln_shift", "plots"} — and next to it
+FILE_pca.png (image and text features in their first two principal components),
+FILE_ln_shift.png (LiLT Fig. 4: how far training moved each layer's LayerNorm) and TensorBoard
+scalars in FILE_tensorboard/. FILE defaults to <workdir>/eval/step_<N>.json.
+
+The metrics are exactly those a training run logs (evaluation/build.py builds both), from the
+run's own config unless --config (same model, checked) or the flags below change the data; plus
+`ln_shift/<tower>/...` against the run's initial parameters (rebuilt from its config: the seed,
+the tower checkpoints or the run it started from).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import traverse_util
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_path=None,
+             overrides: dict | None = None) -> dict:
+    """Evaluate a run's checkpoint (or an HF CLIP); returns what it writes to `out`."""
+    from valign_jax import sharding
+    from valign_jax.evaluation import ln_shift, plots
+    from valign_jax.evaluation.build import make_evaluator
+    from valign_jax.evaluation.evaluator import RetrievalEvaluator
+    from valign_jax.run_setup import input_setup
+
+    if hf_path:
+        model, params, config = _from_hf(hf_path, config)
+        step, source, cached = 0, str(hf_path), False
+    elif workdir:
+        model, params, step, config = _from_workdir(Path(workdir), step, config)
+        source, cached = str(Path(workdir).absolute()), bool(config.data.get("feature_cache"))
+    else:
+        raise ValueError("pass --workdir=DIR (a training run), or --hf=PATH_OR_ID with "
+                         "--config=configs/<recipe>.py")
+    config = _with_overrides(config, overrides or {})
+    if out is None:
+        if not workdir:
+            raise ValueError("--out=FILE.json is required with --hf and no --workdir")
+        out = Path(workdir) / "eval" / f"step_{step}.json"
+    out = Path(out).absolute()
+
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    param_sh = sharding.tree_shardings(params, mesh, config.mesh.min_fsdp_size)
+    placed = sharding.put(params, param_sh)
+    image_size, collate = input_setup(config, model)
+    cache_dir = None
+    if cached:
+        from valign_jax import feature_caching
+        cache_dir = feature_caching.cache_dir(config, "eval", workdir)
+    evaluators = make_evaluator(config, model, mesh, param_sh, collate, image_size, cache_dir)
+
+    metrics, written = {}, {}
+    for evaluator in evaluators.evaluators:
+        if isinstance(evaluator, RetrievalEvaluator):  # its features also make the PCA plot
+            img, txt = evaluator.features(placed)
+            metrics.update(evaluator.metrics(img, txt))
+            if jax.process_index() == 0:
+                written["pca"] = str(plots.pca_plot(
+                    img, txt[evaluator.first_caption], _beside(out, "pca.png"),
+                    title=f"{Path(source).name} step {step}: gap "
+                          f"{metrics['geometry/gap']:.3f}"))
+        else:
+            metrics.update(evaluator(placed))
+
+    shift = None
+    initial = _initial_params(config, model, param_sh) if not hf_path else None
+    if isinstance(initial, dict):
+        shift = ln_shift.ln_shift(initial, params)
+        metrics.update(ln_shift.scalars(shift))
+        if jax.process_index() == 0:
+            written["ln_shift"] = str(plots.ln_shift_plot(shift, _beside(out, "ln_shift.png")))
+    elif initial is not None:
+        shift = {"skipped": initial}
+
+    result = {"step": int(step), "source": source, "file": str(out), "metrics": metrics,
+              "ln_shift": shift, "plots": written}
+    if jax.process_index() == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from valign_jax.checkpointing import write_json
+        write_json(out, result)
+        _write_tensorboard(_beside(out, "tensorboard"), step, metrics)
+    return result
+
+
+def _from_workdir(workdir: Path, step, config):
+    """(model, params as host arrays, step, config) of a run's checkpoint."""
+    from valign_jax import checkpointing
+    from valign_jax.models.build import describe, from_description
+
+    files = [workdir / checkpointing.MODEL_JSON, workdir / checkpointing.CONFIG_JSON]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: {workdir} is not a valign_jax training "
+                                    f"workdir (python -m valign_jax.main ... --workdir=DIR)")
+    description = json.loads(files[0].read_text())
+    model = from_description(description, source=str(files[0]))
+    if config is None:
+        config = ml_collections.ConfigDict(json.loads(files[1].read_text()))
+    else:  # another config may change the data, never the model the checkpoint holds
+        theirs = json.loads(json.dumps(describe(_model_of(config, workdir))))
+        changed = sorted(k for k in set(theirs) | set(description)
+                         if theirs.get(k) != description.get(k))
+        if changed:
+            raise ValueError(f"--config builds a different model from the one in {files[0]} "
+                             f"(they differ in {changed}): the checkpoint comes from another "
+                             f"recipe; drop --config to use the run's own")
+    params, step = checkpointing.restore_params(workdir, step)
+    _check_tree(params, model, f"{workdir / checkpointing.CHECKPOINTS}/{step}")
+    return model, params, step, config
+
+
+def _model_of(config, workdir):
+    from valign_jax.run_setup import build_model
+    if config.data.get("feature_cache"):
+        from valign_jax import feature_caching
+        return feature_caching.cached_model(config, workdir)
+    return build_model(config)
+
+
+def _from_hf(hf_path, config):
+    """(model, params, config) of an HF CLIP, the config reading its tokenizer and pixel
+    statistics from the same checkpoint."""
+    from valign_jax import hf
+    if config is None:
+        raise ValueError("--hf needs --config=configs/<recipe>.py: it says which data to "
+                         "evaluate on")
+    model, params = hf.load_dual_encoder(hf_path, dtype=config.model.dtype,
+                                         scan_layers=config.model.scan_layers)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.image.checkpoint = config.model.text.checkpoint = str(hf_path)
+        config.model.image.image_size = model.image_config.image_size
+        config.data.feature_cache = ""
+    return model, jax.device_get(params), config
+
+
+def _check_tree(params, model, source: str) -> None:
+    """The checkpoint's parameters have exactly the model's names and shapes."""
+    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                 **model.dummy_inputs()))["params"]
+    have = traverse_util.flatten_dict(params, sep="/")
+    want = traverse_util.flatten_dict(expected, sep="/")
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shapes = [f"{k}: {np.shape(have[k])} vs {want[k].shape}" for k in sorted(set(have) & set(want))
+              if tuple(np.shape(have[k])) != tuple(want[k].shape)]
+    if missing or extra or shapes:
+        raise ValueError(f"{source} does not fit the run's model: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}, shapes {shapes[:5]}")
+
+
+def _initial_params(config, model, param_sh):
+    """The run's starting parameters as host arrays; a string saying why when they cannot be
+    rebuilt (a tower checkpoint that is no longer reachable); None for a towerless model."""
+    from valign_jax.models.registry import FeaturesConfig
+    from valign_jax.run_setup import initial_params
+    if isinstance(model.image_config, FeaturesConfig):
+        return None  # trained from cached features: no tower LayerNorms changed
+    try:
+        return jax.device_get(initial_params(config, model, param_sh))
+    except (OSError, ValueError) as err:
+        logging.warning("LN-shift analysis skipped: the initial parameters cannot be rebuilt "
+                        "(%s)", err)
+        return f"initial parameters unavailable: {str(err).splitlines()[0]}"
+
+
+def _with_overrides(config, overrides: dict):
+    """config.data.eval / config.eval.* replaced by the command line's data flags."""
+    keys = {"eval_data": ("data", "eval"), "zeroshot": ("eval", "zeroshot"),
+            "templates": ("eval", "templates"), "class_names": ("eval", "class_names")}
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    if not chosen:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for name, value in chosen.items():
+            group, key = keys[name]
+            config[group][key] = value
+    return config
+
+
+def _beside(out: Path, suffix: str) -> Path:
+    return out.with_name(f"{out.stem}_{suffix}")
+
+
+def _write_tensorboard(logdir: Path, step: int, metrics: dict) -> None:
+    from clu import metric_writers
+    writer = metric_writers.SummaryWriter(str(logdir))
+    writer.write_scalars(int(step), {k: float(v) for k, v in metrics.items()})
+    writer.flush()
+    writer.close()
+
+
+def define_flags():
+    """The command line's flags; defined only when run as a program, so that importing
+    `evaluate` next to valign_jax.main (which has its own --config) is fine."""
+    config_flags.DEFINE_config_file("config", None, "A recipe config: required with --hf; with "
+                                    "--workdir it replaces the run's own config (same model).")
+    flags.DEFINE_string("workdir", None, "A training run's directory (python -m valign_jax.main).")
+    flags.DEFINE_integer("step", None, "The checkpoint to evaluate (default: the latest).")
+    flags.DEFINE_string("out", None, "The metrics JSON (default: <workdir>/eval/step_<N>.json).")
+    flags.DEFINE_string("hf", None, "Evaluate this HF CLIP checkpoint (directory or hub id) as is.")
+    flags.DEFINE_string("eval_data", None, "Replaces config.data.eval (retrieval pairs).")
+    flags.DEFINE_string("zeroshot", None, "Replaces config.eval.zeroshot (comma-separated).")
+    flags.DEFINE_string("templates", None, "Replaces config.eval.templates "
+                        "(auto|single|clip80|clip7).")
+    flags.DEFINE_string("class_names", None, "Replaces config.eval.class_names (class-name "
+                        "files, comma-separated).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from valign_jax import sharding
+    from valign_jax.run_setup import quiet_library_logs
+    sharding.initialize_distributed()
+    quiet_library_logs()
+    overrides = {k: getattr(FLAGS, k) for k in ("eval_data", "zeroshot", "templates",
+                                                 "class_names")}
+    try:
+        result = evaluate(FLAGS.workdir, FLAGS.step, FLAGS.out, FLAGS.config, FLAGS.hf,
+                          overrides)
+    except (OSError, ValueError) as err:
+        logging.debug("traceback", exc_info=True)
+        print(f"FATAL: {err}", file=sys.stderr)
+        sys.exit(1)
+    shown = {k: round(v, 4) for k, v in result["metrics"].items()
+             if k.startswith(("retrieval/", "zeroshot/", "geometry/gap", "ln_shift/"))
+             and k.endswith(("r1", "top1", "gap", "pearson_r"))}
+    print(f"step {result['step']} of {result['source']}: {shown}")
+    print(f"  metrics: {result['file']}")
+    for name, path in result["plots"].items():
+        print(f"  {name} plot: {path}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
