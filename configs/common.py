@@ -83,8 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
         workers=0,               # grain worker processes (0: threads only)
     ))
     c.eval = ml_collections.ConfigDict(dict(
-        zeroshot="",             # a zero-shot dataset reported at every evaluation
-        zeroshot_limit=0,        # evaluate on its first N usable images (0: all)
+        zeroshot="",             # zero-shot datasets (comma-separated) reported at every evaluation
+        zeroshot_limit=0,        # evaluate on their first N usable images (0: all)
+        templates="auto",        # prompts: auto | single | clip80 | clip7 (evaluation/templates.py)
+        class_names="",          # per zero-shot dataset, a file of class names (one per line)
         batch_size=256,
     ))
     c.model = ml_collections.ConfigDict(dict(

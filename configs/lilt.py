@@ -55,6 +55,7 @@ def get_config(arg=None):
     # COCO, 15 epochs of batch 512 (LiLT §4)
     c.data.train, c.data.eval = "tfds:coco_captions/train", "tfds:coco_captions/test"
     c.batch_size, c.num_epochs = 512, 15
+    c.eval.templates = "single"  # LiLT §6.5: "a photo of {}" ("... the number {}" for SVHN)
     c.optim.update(name="adamw", lr=1e-4, warmup_init_lr=1e-5, end_lr=1e-5, warmup_steps=1000,
                    weight_decay=0.02)
     if "demo" in modifiers:

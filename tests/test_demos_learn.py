@@ -2,6 +2,8 @@
 against the thresholds of the training-system issue (about 2½ minutes of CPU in all)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -23,6 +25,23 @@ def test_retrieval_rises_from_step_zero(recipe, floor, tmp_path):
     assert start["step"] == 0
     for key in ("retrieval/t2i_r1", "retrieval/i2t_r1"):
         assert end[key] >= floor and end[key] >= 2 * start[key], (key, start[key], end[key])
+    if recipe == "clip":  # the README's evaluate command on the README's first run
+        check_evaluate_cli(tmp_path, end)
+
+
+def check_evaluate_cli(workdir, logged):
+    out = workdir / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "valign_jax.evaluate", f"--workdir={workdir}",
+                           f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(out.read_text())["metrics"]
+    for d in ("i2t", "t2i"):
+        r1, r5, r10 = (metrics[f"retrieval/{d}_r{k}"] for k in (1, 5, 10))
+        assert r1 == pytest.approx(logged[f"retrieval/{d}_r1"], abs=1e-6) and r1 <= r5 <= r10
+    assert {"zeroshot/synthetic/top1", "geometry/gap", "geometry/alignment",
+            "geometry/uniformity", "ln_shift/image/mean_l1"} <= set(metrics)
+    assert (workdir / "eval_pca.png").stat().st_size > 0
+    assert (workdir / "eval_ln_shift.png").stat().st_size > 0
 
 
 def test_clip_refine_closes_the_gap_and_keeps_zero_shot(tmp_path):

@@ -38,12 +38,13 @@ def manifest(config, split: str) -> dict:
     """What the cached features of `split` depend on."""
     image, text = config.model.image, config.model.text
     spec = config.data.train if split == "train" else config.data.eval
+    mean, std = pipeline.normalization(image, config.data)
     out = {"image_checkpoint": image.checkpoint, "image_preset": image.preset,
            "image_pooling": image.pooling, "image_size": image.image_size,
            "text_checkpoint": text.checkpoint, "text_preset": text.preset,
            "text_pooling": text.pooling, "max_length": text.max_length,
            "lower_case": config.data.lower_case, "dtype": config.model.dtype,
-           "image_mean": list(config.data.image_mean), "image_std": list(config.data.image_std),
+           "image_mean": list(mean), "image_std": list(std),
            "source": spec}
     if spec.startswith("synthetic:"):  # the embedded data is a function of these
         out.update(seed=config.data.seed,
@@ -64,7 +65,8 @@ def cache_all(config, workdir=None) -> list[Path]:
     param_sh = sharding.tree_shardings(abstract, mesh, config.mesh.min_fsdp_size)
     params = initial_params(config, model, param_sh)
     tokenizer = pipeline.make_tokenizer(config.model.text, config.data.lower_case)
-    collate = pipeline.Collate(tokenizer, config.data.image_mean, config.data.image_std)
+    # The checkpoint's own pixel statistics when it has them, as a raw training run uses.
+    collate = pipeline.Collate(tokenizer, *pipeline.normalization(config.model.image, config.data))
     written = []
     for split in SPLITS:
         spec = config.data.train if split == "train" else config.data.eval

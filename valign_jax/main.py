@@ -9,7 +9,6 @@ the parameter report and ends with `trainable N of M (P%)`.
 
 from __future__ import annotations
 
-import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -47,15 +46,16 @@ def main(argv):
         print(dry_run(config))
         return
     from valign_jax import sharding, train  # the data and logging stack load only for real runs
+    from valign_jax.run_setup import quiet_library_logs
     sharding.initialize_distributed()  # a no-op unless the launcher set VALIGN_* variables
     workdir = FLAGS.workdir or default_workdir(sys.argv)
     if FLAGS.mode == "cache_features":  # relative config.data.feature_cache: in the workdir
         from valign_jax import feature_caching
-        _quiet_library_logs()
+        quiet_library_logs()
         for path in feature_caching.cache_all(config, workdir):
             print(f"features cached in {path}")
         return
-    _quiet_library_logs()
+    quiet_library_logs()
     try:
         metrics = train.train_and_evaluate(config, workdir)
     except (OSError, ValueError, FloatingPointError) as err:
@@ -89,22 +89,6 @@ def summary(workdir: str, metrics: dict) -> str:
              f"  TensorBoard: tensorboard --logdir {workdir}",
              f"  load it: valign_jax.load_trained({str(workdir)!r})"]
     return "\n".join(lines)
-
-
-class _DropInfoFrom(py_logging.Filter):
-    """Orbax and grain log every save and read at INFO; keep their warnings only."""
-
-    def __init__(self, *packages):
-        super().__init__()
-        self.packages = tuple(f"/{p}/" for p in packages)
-
-    def filter(self, record):
-        return record.levelno >= py_logging.WARNING or not any(
-            p in record.pathname for p in self.packages)
-
-
-def _quiet_library_logs():
-    logging.get_absl_handler().addFilter(_DropInfoFrom("orbax", "grain"))
 
 
 def parse_flags(argv):

@@ -26,11 +26,11 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 TOWER_PREFIX = {"image": "vision_model", "text": "text_model"}
 
 # HF's LayerNorm names: BERT, ViT (layernorm_before/after), CLIP, DINOv2 (norm1, norm2)
-_NORM = (r"(LayerNorm|layernorm[^/]*|layer_norm[^/]*|pre_layrnorm|post_layernorm|final_layer_norm"
+NORM_NAMES = (r"(LayerNorm|layernorm[^/]*|layer_norm[^/]*|pre_layrnorm|post_layernorm|final_layer_norm"
          r"|norm[0-9]+)")
 PART_PATTERNS = {
     "all": r"^{t}/",
-    "ln": r"^{t}/(.*/)?" + _NORM + r"/(scale|bias)$",
+    "ln": r"^{t}/(.*/)?" + NORM_NAMES + r"/(scale|bias)$",
     "bias": r"^{t}/.*bias$",
     "adapters": r"^{t}/.*/adapter[^/]*/",
     # the ViT's final norm belongs to the deep adapter: it now normalises the new layer's output

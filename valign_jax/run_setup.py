@@ -7,6 +7,7 @@ Kept apart from train.py so the loop itself reads in one pass.
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import importlib.util
 import json
 import math
@@ -92,6 +93,16 @@ def initial_params(config, model, param_sh):
         return params
     merged = overlay(jax.device_get(params), pretrained)
     return sharding.put(merged, param_sh)
+
+
+def input_setup(config, model):
+    """(image size, Collate): how records become model inputs, for training and evaluation."""
+    from valign_jax.data import pipeline
+    image_size = config.model.image.image_size or getattr(model.image_config, "image_size", 0)
+    tokenizer = pipeline.make_tokenizer(config.model.text, config.data.lower_case)
+    mean, std = pipeline.normalization(config.model.image, config.data)
+    return image_size, pipeline.Collate(tokenizer, mean, std,
+                                        multi_positive=config.objective.multi_positive)
 
 
 def make_objective(objective_cfg, mesh):
@@ -190,3 +201,19 @@ def _scalar_hparams(config) -> dict:
             out[prefix[:-1]] = str(value)
     walk("", config)
     return out
+
+
+class _DropInfoFrom(std_logging.Filter):
+    """Orbax and grain log every save and read at INFO; keep their warnings only."""
+
+    def __init__(self, *packages):
+        super().__init__()
+        self.packages = tuple(f"/{p}/" for p in packages)
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or not any(
+            p in record.pathname for p in self.packages)
+
+
+def quiet_library_logs():
+    logging.get_absl_handler().addFilter(_DropInfoFrom("orbax", "grain"))

@@ -24,12 +24,10 @@ import numpy as np
 from absl import logging
 
 from valign_jax import checkpointing, feature_caching, optim, peft, sharding
-from valign_jax.data import feature_cache, pipeline, synthetic
-from valign_jax.evaluation import zeroshot
-from valign_jax.evaluation.evaluator import (Evaluators, FeatureEncoder, RetrievalEvaluator,
-                                             ZeroShotEvaluator, eval_batch_size)
-from valign_jax.run_setup import (MetricsLog, build_model, initial_params, load_config,
-                                  make_objective, prepare_workdir, write_run_files)
+from valign_jax.data import feature_cache, pipeline
+from valign_jax.evaluation.build import make_evaluator
+from valign_jax.run_setup import (MetricsLog, build_model, initial_params, input_setup,
+                                  load_config, make_objective, prepare_workdir, write_run_files)
 from valign_jax.train_step import create_state, make_train_step
 
 
@@ -89,11 +87,7 @@ def train_and_evaluate(config, workdir) -> dict:
     write_run_files(workdir, config, model)
 
     # Data: the training stream, and how captions and pixels become model inputs.
-    image_size = config.model.image.image_size or getattr(model.image_config, "image_size", 0)
-    tokenizer = pipeline.make_tokenizer(config.model.text, config.data.lower_case)
-    mean, std = pipeline.normalization(config.model.image, config.data)
-    collate = pipeline.Collate(tokenizer, mean, std,
-                               multi_positive=config.objective.multi_positive)
+    image_size, collate = input_setup(config, model)
     if cached:
         train_source = feature_cache.CachedFeatures(
             feature_caching.cache_dir(config, "train", workdir))
@@ -130,9 +124,9 @@ def train_and_evaluate(config, workdir) -> dict:
     else:
         state = trainer.init_state(params)
 
-    evaluator = _make_evaluator(config, model, mesh, trainer.param_sh, collate, image_size,
-                                feature_caching.cache_dir(config, "eval", workdir) if cached
-                                else None)
+    evaluator = make_evaluator(config, model, mesh, trainer.param_sh, collate, image_size,
+                               feature_caching.cache_dir(config, "eval", workdir) if cached
+                               else None)
     log = MetricsLog(workdir, config, total_steps)
     log.writer.write_texts(0, {"parameters": "    " + report.replace("\n", "\n    ")})
     if start == 0:
@@ -189,45 +183,6 @@ def _check_finite(step: int, metrics: dict, checkpoints) -> None:
         f"checkpoint is " + (f"step {last} in {checkpoints.directory}" if last else "none (it "
         f"failed before the first checkpoint)") + ". Lower config.optim.lr or set "
         f"config.optim.grad_clip_norm, then rerun to resume from it.")
-
-
-def _make_evaluator(config, model, mesh, param_sh, collate, image_size: int, eval_cache_dir):
-    """Retrieval + geometry on config.data.eval (or its cached features); zero-shot on
-    config.eval.zeroshot."""
-    encoder = FeatureEncoder(model, mesh, param_sh, eval_batch_size(config.eval.batch_size, mesh))
-    if eval_cache_dir is not None:  # features of the eval split, cached with the training split
-        eval_cache = feature_cache.CachedFeatures(eval_cache_dir)
-        if config.eval.zeroshot:
-            logging.warning("config.eval.zeroshot is not evaluated when training from cached "
-                            "features: class prompts need the text tower")
-        caption_sets = None
-        if config.data.eval.startswith("synthetic:"):  # equal attributes share their captions
-            source = pipeline.make_source(config.data.eval, "eval", config.data, image_size,
-                                          "config.data.eval")
-            caption_sets = [source[i]["captions"] for i in range(len(source))]
-        return RetrievalEvaluator.from_cache(encoder, eval_cache, caption_sets)
-    source = pipeline.make_source(config.data.eval, "eval", config.data, image_size,
-                                  "config.data.eval")
-    evaluators = [RetrievalEvaluator(encoder, pipeline.eval_records(source).records, collate)]
-    if config.eval.zeroshot:
-        spec = config.eval.zeroshot
-        zs_source = source if spec == config.data.eval else pipeline.make_source(
-            spec, "eval", config.data, image_size, "config.eval.zeroshot")
-        records = pipeline.eval_records(zs_source, limit=config.eval.zeroshot_limit or None)
-        synthetic_data = spec.startswith("synthetic:")
-        name = "synthetic" if synthetic_data else _dataset_name(spec)
-        templates = synthetic.ZEROSHOT_TEMPLATES if synthetic_data else zeroshot.TEMPLATES
-        evaluators.append(ZeroShotEvaluator(encoder, records.records, collate,
-                                            pipeline.class_names(zs_source), templates, name))
-    return Evaluators(*evaluators)
-
-
-def _dataset_name(spec: str) -> str:
-    """A metric-name-friendly dataset name: tfds:cifar100/test -> cifar100, a/b/classes ->
-    classes."""
-    if spec.startswith("tfds:"):
-        return spec[len("tfds:"):].split("/")[0]
-    return Path(spec.rstrip("/")).name.replace(".", "_") or "zeroshot"
 
 
 def _run_pretrain_stage(config, workdir: Path):

@@ -14,7 +14,8 @@ The forms (KNOWN_FORMS):
                         the caption. ImageNet-family names are WordNet ids in tfds.
   <file>.jsonl          one JSON object per line: `image` (path relative to the file),
   <file>.csv            `caption` (a string or a list; in csv a JSON list), optional
-                        `long_caption`; csv has a header row.
+                        `long_caption` and `language`; csv has a header row. Rows naming the
+                        same image file are one image in retrieval evaluation (`image_id`).
   <directory>           holding *.tar -> tar shards; holding pairs.jsonl / pairs.csv -> those;
                         else class folders `<root>/<class name>/<images>` (classes sorted).
   <glob>.tar, <f>.tar   WebDataset-style shards: `<key>.<jpg|jpeg|png|webp>` with `<key>.txt`
@@ -146,6 +147,9 @@ def _text_record(fields: dict, where: str) -> dict:
     long = fields.get("long_caption")
     if isinstance(long, str) and long.strip():
         record["long_caption"] = long.strip()
+    language = fields.get("language")
+    if isinstance(language, str) and language.strip():  # multilingual retrieval, per language
+        record["language"] = language.strip()
     return record
 
 
@@ -292,7 +296,8 @@ class PairsSource(Source):
         row = self.rows[index]
         if isinstance(row, str):
             raise BrokenRecord(row)
-        return {"image": _read_file(row[0]), **row[1]}
+        # image_id: rows naming one image file are one image to the retrieval evaluator.
+        return {"image": _read_file(row[0]), "image_id": row[0], **row[1]}
 
 
 def _csv_caption(cell):

@@ -259,3 +259,25 @@ class WordTokenizer:
             input_ids[row, :len(seq)] = seq
         return {"input_ids": input_ids,
                 "attention_mask": (input_ids != PAD_ID).astype(np.int32)}
+
+
+def save_hf_tokenizer(directory) -> None:
+    """Write WordTokenizer as a Hugging Face tokenizer (tokenizer.json + config) into
+    `directory`: the same ids for every text, so a demo model exported with hf.save_dual_encoder
+    is a complete checkpoint that transformers' AutoTokenizer and our Tokenizer can read."""
+    from tokenizers import Regex, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"[PAD]": PAD_ID, "[BOS]": BOS_ID, "[UNK]": UNK_ID, "[EOS]": EOS_ID}
+    vocab = {**specials, **{w: i + _FIRST_WORD_ID for i, w in enumerate(VOCABULARY)}}
+    tok = RustTokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # the pieces _WORD finds, spaces dropped
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(_WORD.pattern), behavior="isolated")])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", BOS_ID), ("[EOS]", EOS_ID)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]",
+                            eos_token="[EOS]", unk_token="[UNK]").save_pretrained(str(directory))
