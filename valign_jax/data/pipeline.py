@@ -56,13 +56,15 @@ def make_source(spec: str, split: str, data_cfg, image_size: int, key: str):
     come with `train_transform` (augmentation per `data_cfg.augment`, if the config has it) and
     `eval_transform` (resize + centre crop), both to `image_size`."""
     if spec.startswith("synthetic:"):
+        from valign_jax.data.relations import SyntheticRelations
+        datasets = {"shapes": synthetic.SyntheticImageText, "relations": SyntheticRelations}
         name = spec.split(":", 1)[1]
-        if name != "shapes":
+        if name not in datasets:
             raise ValueError(f"{key}={spec!r}: unknown synthetic dataset {name!r}; known: "
-                             f"['shapes']")
+                             f"{sorted(datasets)}")
         count = data_cfg.num_train if split == "train" else data_cfg.num_eval
-        return synthetic.SyntheticImageText(split=split, num_examples=count,
-                                            image_size=image_size, seed=data_cfg.seed)
+        return datasets[name](split=split, num_examples=count, image_size=image_size,
+                              seed=data_cfg.seed)
     source = sources.open_source(spec, key)
     source.train_transform = transforms.train_transform(image_size, data_cfg.get("augment"))
     source.eval_transform = transforms.EvalTransform(image_size)

@@ -186,8 +186,9 @@ def render(a: dict, image_size: int, rng: np.random.Generator) -> np.ndarray:
 # The source
 
 
-class SyntheticImageText:
-    """Random-access image–caption examples (a grain MapDataset source): len() and [index]."""
+class SyntheticSource:
+    """What every embedded dataset shares: split, size, image size, seed; len(), checked
+    indices and a repr. Subclasses draw example `i` in __getitem__."""
 
     def __init__(self, split: str = "train", num_examples: int = 10_000, image_size: int = 32,
                  seed: int = 0):
@@ -203,10 +204,22 @@ class SyntheticImageText:
     def __len__(self) -> int:
         return self.num_examples
 
-    def __getitem__(self, index) -> dict:
+    def _check(self, index) -> int:
         index = operator.index(index)
         if not 0 <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for {self.num_examples} examples")
+        return index
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(split={self.split!r}, num_examples={self.num_examples}, "
+                f"image_size={self.image_size}, seed={self.seed})")
+
+
+class SyntheticImageText(SyntheticSource):
+    """Random-access image–caption examples (a grain MapDataset source): len() and [index]."""
+
+    def __getitem__(self, index) -> dict:
+        index = self._check(index)
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
         a = {name: values[rng.integers(len(values))] for name, values in ATTRIBUTES.items()}
         return {"image": render(a, self.image_size, rng),
@@ -215,10 +228,6 @@ class SyntheticImageText:
                 "long_caption": long_caption(a),
                 "label": class_index(a),
                 "attributes": a}
-
-    def __repr__(self) -> str:
-        return (f"SyntheticImageText(split={self.split!r}, num_examples={self.num_examples}, "
-                f"image_size={self.image_size}, seed={self.seed})")
 
 
 # ---------------------------------------------------------------------------------------------
