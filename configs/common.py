@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
         norm="batch",            # sigmoid: "batch" (SigLIP, sum / B) or "pairs" (SAIL, / B^2)
         multi_positive=False,    # sigmoid with the long caption as a second positive (SAIL)
         chunked=False,           # sigmoid: ring-chunked across devices (losses.chunked_sigmoid)
+        itm_weight=0.0,          # fusion models: + weight x image-text matching on hard negatives
         clip_refine=ml_collections.ConfigDict(dict(
             weights=(0.0, 1.0, 1.0),   # lambda for (CLIP, RaFA, HyCD)
             prior_std=1.0,             # RaFA references r ~ N(0, prior_std^2 I)
@@ -87,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
         zeroshot_limit=0,        # evaluate on their first N usable images (0: all)
         templates="auto",        # prompts: auto | single | clip80 | clip7 (evaluation/templates.py)
         class_names="",          # per zero-shot dataset, a file of class names (one per line)
+        rerank_k=10,             # fusion models: re-rank the dual encoder's top k
         batch_size=256,
     ))
     c.model = ml_collections.ConfigDict(dict(
@@ -105,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
         # None: the logit preset's init (placeholders, so the command line can set them)
         logit_scale_init=ml_collections.config_dict.placeholder(float),
         logit_bias_init=ml_collections.config_dict.placeholder(float),  # sigmoid recipes
+        fusion_layers=0,         # > 0: cross-modal interaction layers + ITM head (fusion.py)
+        fusion_heads=4,
+        fusion_width=0,          # 0: the text tower's width
     ))
     c.peft = ml_collections.ConfigDict(dict(
         recipe="full",           # peft.RECIPES

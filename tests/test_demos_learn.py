@@ -1,5 +1,5 @@
 """The `:demo` runs the README points newcomers to really learn: the full demo configs, unshrunk,
-against the thresholds of the training-system issue (about 2½ minutes of CPU in all)."""
+against the thresholds of their issues (about 3 minutes of CPU in all)."""
 
 import json
 import subprocess
@@ -49,3 +49,4 @@ def test_clip_refine_closes_the_gap_and_keeps_zero_shot(tmp_path):
     assert end["geometry/gap"] <= 0.8 * start["geometry/gap"], (start, end)
     top1 = "zeroshot/synthetic/top1"
     assert end[top1] >= start[top1] - 0.02, (start[top1], end[top1])
+

@@ -4,7 +4,7 @@ from valign_jax.run_setup import load_config
 
 from conftest import REPO
 
-RECIPES = ("clip", "siglip", "lit", "lilt", "sail", "clip_refine")
+RECIPES = ("clip", "siglip", "lit", "lilt", "sail", "clip_refine", "fusion")
 
 
 def shrink(config, steps: int = 2, batch_size: int = 8):

@@ -70,8 +70,8 @@ def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_pa
     metrics, written = {}, {}
     for evaluator in evaluators.evaluators:
         if isinstance(evaluator, RetrievalEvaluator):  # its features also make the PCA plot
-            img, txt = evaluator.features(placed)
-            metrics.update(evaluator.metrics(img, txt))
+            found, img, txt = evaluator.run(placed)
+            metrics.update(found)
             if jax.process_index() == 0:
                 written["pca"] = str(plots.pca_plot(
                     img, txt[evaluator.first_caption], _beside(out, "pca.png"),

@@ -219,6 +219,41 @@ def hycd(s_img, s_txt, t_img, t_txt, alpha: float = 0.5, temperature: float = 1.
 
 
 # ---------------------------------------------------------------------------------------------
+# Image–text matching (the fusion re-ranker, METHODS.md §6)
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_hard_negatives(rng, similarity, positives):
+    """One negative column per row, drawn with probability softmax(similarity[i]) over the
+    columns that are not positives: hard negatives, the ones the dual encoder confuses.
+
+    similarity: (B, B) logits (no gradient flows through the draw). positives: (B, B) bool,
+    True where column j is as right as the row's own (an identical caption); the diagonal is
+    always a positive and is never returned. Returns (indices (B,), valid (B,)): valid is False
+    for a row with no negative at all, whose index is then meaningless.
+    """
+    batch = similarity.shape[0]
+    forbidden = positives | jnp.eye(batch, dtype=bool)
+    valid = ~forbidden.all(axis=1)
+    logits = jnp.where(forbidden, -jnp.inf, jax.lax.stop_gradient(_at_least_f32(similarity)))
+    logits = jnp.where(valid[:, None], logits, 0.0)  # no all -inf row reaches categorical
+    return jax.random.categorical(rng, logits, axis=-1), valid
+
+
+def itm(positive_logits, negative_logits, negative_valid):
+    """Binary cross-entropy of the match head: (B,) positive logits against the negatives'
+    (lists of (B,) logits and their (B,) valid masks), averaged over every scored pair."""
+    pos = _at_least_f32(positive_logits)
+    total = jnp.sum(jax.nn.softplus(-pos))            # -log sigmoid(x): label 1
+    count = jnp.asarray(pos.shape[0], jnp.float32)
+    for logits, valid in zip(negative_logits, negative_valid):
+        weight = valid.astype(jnp.float32)
+        total += jnp.sum(weight * jax.nn.softplus(_at_least_f32(logits)))  # label 0
+        count += weight.sum()
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------------
 # Metrics (not losses): what a training log wants to see next to the loss.
 # ---------------------------------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 TOWER_PREFIX = {"image": "vision_model", "text": "text_model"}
 
 # HF's LayerNorm names: BERT, ViT (layernorm_before/after), CLIP, DINOv2 (norm1, norm2)
-NORM_NAMES = (r"(LayerNorm|layernorm[^/]*|layer_norm[^/]*|pre_layrnorm|post_layernorm|final_layer_norm"
-         r"|norm[0-9]+)")
+NORM_NAMES = (r"(LayerNorm|layernorm[^/]*|layer_norm[^/]*|pre_layrnorm|post_layernorm"
+              r"|final_layer_norm|norm[0-9]+)")
 PART_PATTERNS = {
     "all": r"^{t}/",
     "ln": r"^{t}/(.*/)?" + NORM_NAMES + r"/(scale|bias)$",
@@ -36,7 +36,8 @@ PART_PATTERNS = {
     # the ViT's final norm belongs to the deep adapter: it now normalises the new layer's output
     "deep": r"^{t}/(deep_adapter/|layernorm/|post_layernorm/)",
 }
-HEADS_PATTERN = r"^(visual_projection|text_projection)(/|$)"
+# The heads: projections, and the fusion re-ranker's interaction layers (new, never pretrained)
+HEADS_PATTERN = r"^(visual_projection|text_projection|fusion)(/|$)"
 LOGIT_PATTERN = r"^logit_(scale|bias)$"
 
 

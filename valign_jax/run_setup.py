@@ -20,7 +20,7 @@ from absl import logging
 from valign_jax import checkpointing, sharding
 from valign_jax.models import build
 from valign_jax.models.registry import FeaturesConfig, overlay
-from valign_jax.train_step import clip_refine_objective, contrastive_objective
+from valign_jax.train_step import clip_refine_objective, contrastive_objective, itm_objective
 
 
 def prepare_workdir(workdir) -> Path:
@@ -111,8 +111,12 @@ def make_objective(objective_cfg, mesh):
         return clip_refine_objective(tuple(c.weights), c.prior_std, c.rafa_form, c.alpha,
                                      c.temperature, c.hycd_features)
     chunked = objective_cfg.chunked and objective_cfg.kind == "sigmoid"
-    return contrastive_objective(objective_cfg.kind, objective_cfg.norm,
-                                 mesh=mesh if chunked else None, batch_axes=sharding.BATCH_AXES)
+    objective = contrastive_objective(objective_cfg.kind, objective_cfg.norm,
+                                      mesh=mesh if chunked else None,
+                                      batch_axes=sharding.BATCH_AXES)
+    if objective_cfg.get("itm_weight", 0.0):  # the fusion re-ranker's matching loss
+        objective = itm_objective(objective, objective_cfg.itm_weight)
+    return objective
 
 
 def write_run_files(workdir: Path, config, model) -> None:

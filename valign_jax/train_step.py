@@ -7,6 +7,7 @@ their weight gradients; they pass through the step untouched, bit for bit.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -96,6 +97,36 @@ def clip_refine_objective(weights=(0.0, 1.0, 1.0), prior_std: float = 1.0,
     return objective
 
 
+def itm_objective(base: Callable, weight: float = 1.0) -> Callable:
+    """`base` (the contrastive objective) + weight · image–text matching on hard negatives.
+
+    Per image, a caption drawn from the in-batch similarities (never its own, nor an identical
+    one), and per caption an image; the fusion head scores them next to the B true pairs
+    (out["match_logits"]). Needs a DualEncoder with fusion layers: out["match"] scores pairs.
+    """
+
+    def objective(out, batch, rng):
+        loss, metrics = base(out, batch, rng)
+        similarity = _unit(out["image"]) @ _unit(out["text"]).T * jnp.exp(out["logit_scale"])
+        ids = batch["input_ids"]
+        same_caption = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
+        text_rng, image_rng = jax.random.split(jax.random.fold_in(rng, 1))
+        neg_text, text_ok = losses.sample_hard_negatives(text_rng, similarity, same_caption)
+        neg_image, image_ok = losses.sample_hard_negatives(image_rng, similarity.T,
+                                                           same_caption)
+        image_tokens, text_tokens, mask = out["image_tokens"], out["text_tokens"], out[
+            "text_mask"]
+        text_neg_logits = out["match"](image_tokens, text_tokens[neg_text], mask[neg_text])
+        image_neg_logits = out["match"](image_tokens[neg_image], text_tokens, mask)
+        matching = losses.itm(out["match_logits"], (text_neg_logits, image_neg_logits),
+                              (text_ok, image_ok))
+        accuracy = jnp.mean(jnp.concatenate([out["match_logits"] > 0, text_neg_logits < 0,
+                                             image_neg_logits < 0]))
+        return loss + weight * matching, {**metrics, "loss_contrastive": loss,
+                                          "loss_itm": matching, "itm_accuracy": accuracy}
+    return objective
+
+
 def model_inputs(batch):
     """(image, text, mask) for the model, and (text, mask) of the second caption or None.
 
@@ -135,6 +166,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, labels,
         def loss_fn(trainable):
             params = {"params": peft.merge(trainable, frozen)}
             out = model.apply(params, *inputs)
+            if getattr(model, "fusion_layers", 0):  # itm_objective scores other pairings
+                out["match"] = functools.partial(model.apply, params, method=model.match_logits)
             if long_inputs is not None:
                 out["text_long"] = model.apply(params, *long_inputs, method=model.encode_text)
             if teacher_out is not None:

@@ -1,7 +1,8 @@
 """Evaluators from a config: what a training run reports every `eval_every` steps and what
 `python -m valign_jax.evaluate` reports for a checkpoint, built by this one function.
 
-    config.data.eval         image-caption pairs: retrieval (+ per language) and geometry
+    config.data.eval         image-caption pairs: retrieval (+ per language) and geometry;
+                             fusion models re-rank the top config.eval.rerank_k
     config.eval.zeroshot     zero-shot datasets, comma-separated (tfds classification data,
                              class folders, synthetic:shapes)
     config.eval.templates    "auto" | "single" | "clip80" | "clip7" | a list (templates.py)
@@ -40,7 +41,13 @@ def make_evaluator(config, model, mesh, param_sh, collate, image_size: int,
             caption_sets = [source[i]["captions"] for i in range(len(source))]
         return Evaluators(RetrievalEvaluator.from_cache(encoder, eval_cache, caption_sets))
     source = _source(config.data.eval, config, image_size, "config.data.eval")
-    evaluators = [RetrievalEvaluator(encoder, pipeline.eval_records(source).records, collate)]
+    records = pipeline.eval_records(source).records
+    if getattr(model, "fusion_layers", 0):  # a fusion model also re-ranks the top k
+        from valign_jax.evaluation.rerank import RerankingEvaluator
+        evaluators = [RerankingEvaluator(encoder, records, collate,
+                                         config.eval.get("rerank_k", 10))]
+    else:
+        evaluators = [RetrievalEvaluator(encoder, records, collate)]
     specs = split_list(config.eval.zeroshot)
     name_files = split_list(config.eval.get("class_names", ""))
     if name_files and len(name_files) != len(specs):
@@ -54,9 +61,9 @@ def make_evaluator(config, model, mesh, param_sh, collate, image_size: int,
         if len(names) != len(pipeline.class_names(zs_source)):
             raise ValueError(f"{names_file}: {len(names)} class names, but {spec} has "
                              f"{len(pipeline.class_names(zs_source))} classes")
-        records = pipeline.eval_records(zs_source, limit=config.eval.zeroshot_limit or None)
+        zs_records = pipeline.eval_records(zs_source, limit=config.eval.zeroshot_limit or None)
         templates = templates_for(config.eval.get("templates", "auto"), spec)
-        evaluators.append(ZeroShotEvaluator(encoder, records.records, collate, names, templates,
+        evaluators.append(ZeroShotEvaluator(encoder, zs_records.records, collate, names, templates,
                                             dataset_name(spec)))
     return Evaluators(*evaluators)
 

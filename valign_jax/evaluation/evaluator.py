@@ -21,33 +21,39 @@ from valign_jax.evaluation import geometry, retrieval, zeroshot
 
 
 def progress(iterable, total: int, desc: str):
-    """A progress bar on process 0 for host loops long enough to want one."""
-    if total < 8 or jax.process_index() != 0:
+    """A progress bar on process 0 for host loops long enough to want one (and named)."""
+    if total < 8 or not desc or jax.process_index() != 0:
         return iterable
     from tqdm.auto import tqdm
     return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
 class FeatureEncoder:
-    """Jitted encode_image / encode_text over padded, sharded batches."""
+    """Jitted model methods over padded, sharded batches: encode_image / encode_text, and for
+    fusion models their token variants and match_logits."""
 
     def __init__(self, model, mesh, param_shardings, batch_size: int):
-        self.mesh, self.batch_size = mesh, batch_size
+        self.model, self.mesh, self.batch_size = model, mesh, batch_size
+        self.param_shardings = param_shardings
         sharding.check_batch_size(batch_size, mesh, "config.eval.batch_size")
-        batch_sh, out_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+        self._compiled = {}
 
-        def image_fn(params, pixel_values):
-            return model.apply({"params": params}, pixel_values, method=model.encode_image)
+    def _method(self, name: str, num_inputs: int):
+        """model.<name> jitted with the batch split over the mesh (compiled once, on first use)."""
+        if name not in self._compiled:
+            model = self.model
 
-        def text_fn(params, input_ids, attention_mask):
-            return model.apply({"params": params}, input_ids, attention_mask,
-                               method=model.encode_text)
-        self._image = jax.jit(image_fn, in_shardings=(param_shardings, batch_sh),
-                              out_shardings=out_sh)
-        self._text = jax.jit(text_fn, in_shardings=(param_shardings, batch_sh, batch_sh),
-                             out_shardings=out_sh)
+            def fn(params, *inputs):
+                return model.apply({"params": params}, *inputs, method=getattr(model, name))
+            batch_sh = sharding.batch_sharding(self.mesh)
+            self._compiled[name] = jax.jit(
+                fn, in_shardings=(self.param_shardings,) + (batch_sh,) * num_inputs,
+                out_shardings=sharding.replicated(self.mesh))
+        return self._compiled[name]
 
-    def _run(self, fn, params, arrays: dict, prepare: Callable | None, desc: str) -> np.ndarray:
+    def _run(self, name: str, params, arrays: dict, prepare: Callable | None = None,
+             desc: str = ""):
+        fn = self._method(name, len(arrays))
         n = len(next(iter(arrays.values())))
         count, index = jax.process_count(), jax.process_index()
         outputs = []
@@ -64,18 +70,36 @@ class FeatureEncoder:
             if prepare is not None:
                 chunk = {k: prepare(v) for k, v in chunk.items()}
             out = fn(params, *sharding.global_batch(chunk, self.mesh).values())
-            outputs.append(np.asarray(jax.device_get(out), np.float32)[:rows])
-        return np.concatenate(outputs)
+            outputs.append(jax.tree.map(lambda o: np.asarray(o, np.float32)[:rows],
+                                        jax.device_get(out)))
+        return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
     def images(self, params, pixel_values: np.ndarray, prepare: Callable | None = None):
         """Image features; `prepare` maps each batch first (uint8 pixels -> normalised)."""
-        return self._run(self._image, params, {"pixel_values": pixel_values}, prepare,
+        return self._run("encode_image", params, {"pixel_values": pixel_values}, prepare,
                          "embedding images")
 
     def texts(self, params, tokens: dict) -> np.ndarray:
-        return self._run(self._text, params, {"input_ids": tokens["input_ids"],
-                                              "attention_mask": tokens["attention_mask"]},
-                         None, "embedding texts")
+        return self._run("encode_text", params, _text_inputs(tokens), None, "embedding texts")
+
+    def image_tokens(self, params, pixel_values, prepare: Callable | None = None):
+        """(image features, image tower tokens)."""
+        return self._run("encode_image_tokens", params, {"pixel_values": pixel_values},
+                         prepare, "embedding images")
+
+    def text_tokens(self, params, tokens: dict):
+        return self._run("encode_text_tokens", params, _text_inputs(tokens), None,
+                         "embedding texts")
+
+    def match(self, params, image_tokens, text_tokens, text_mask) -> np.ndarray:
+        """Match logits of the pairs (image_tokens[p], text_tokens[p])."""
+        # No bar: re-ranking calls this once per block of queries.
+        return self._run("match_logits", params, {"image": image_tokens, "text": text_tokens,
+                                                  "mask": text_mask})
+
+
+def _text_inputs(tokens: dict) -> dict:
+    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
 def _pixels(records) -> np.ndarray:
@@ -162,6 +186,11 @@ class RetrievalEvaluator:
         return (self.encoder.images(params, self.pixel_values, self.prepare),
                 self.encoder.texts(params, self.tokens))
 
+    def run(self, params):
+        """(metrics, image features, text features): the features for plots."""
+        img, txt = self.features(params)
+        return self.metrics(img, txt), img, txt
+
     def metrics(self, img: np.ndarray, txt: np.ndarray) -> dict[str, float]:
         metrics = {f"retrieval/{k}": v for k, v in retrieval.retrieval_metrics(
             img, txt, self.image_keys, self.text_keys).items()}
@@ -177,7 +206,7 @@ class RetrievalEvaluator:
         return metrics
 
     def __call__(self, params) -> dict[str, float]:
-        return self.metrics(*self.features(params))
+        return self.run(params)[0]
 
 
 class ZeroShotEvaluator:

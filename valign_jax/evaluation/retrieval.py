@@ -32,7 +32,7 @@ def stable_rank(sim: np.ndarray, target: np.ndarray) -> np.ndarray:
     return above + tied_before
 
 
-def _first_relevant_rank(queries, gallery, q_codes, g_codes) -> np.ndarray:
+def first_relevant_rank(queries, gallery, q_codes, g_codes) -> np.ndarray:
     """For each query, the 0-based rank of its best-ranked relevant gallery item."""
     ranks = np.empty(len(queries), dtype=np.int64)
     step = max(1, _BLOCK_ELEMENTS // len(gallery))
@@ -85,8 +85,8 @@ def retrieval_metrics(image_features, text_features, image_keys=None, text_keys=
     if any(int(k) != k or k < 1 for k in ks):
         raise ValueError(f"ks must be positive integers, got {tuple(ks)}")
     img_codes, txt_codes = _codes(image_keys, text_keys, len(x), len(y))
-    i2t = _first_relevant_rank(x, y, img_codes, txt_codes)
-    t2i = _first_relevant_rank(y, x, txt_codes, img_codes)
+    i2t = first_relevant_rank(x, y, img_codes, txt_codes)
+    t2i = first_relevant_rank(y, x, txt_codes, img_codes)
     out = {}
     for direction, ranks, gallery in (("i2t", i2t, len(y)), ("t2i", t2i, len(x))):
         for k in ks:

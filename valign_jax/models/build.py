@@ -16,7 +16,7 @@ from valign_jax.models.registry import TOWERS
 
 _CONFIG_TYPES = {cls.__name__: cls for cls in TOWERS}
 _HEAD_FIELDS = ("projection_dim", "image_head", "text_head", "head_bias", "logit_scale_init",
-                "logit_bias_init")
+                "logit_bias_init", "fusion_layers", "fusion_heads", "fusion_width")
 
 
 def _overrides(tower_cfg, model_cfg, side: str) -> dict:
@@ -85,6 +85,9 @@ def build_dual_encoder(model_cfg, use_checkpoint_config: bool = True,
         logit_scale_init=logit.init_log_scale if init_log_scale is None else init_log_scale,
         logit_bias_init=logit.init_bias if init_bias is None or logit.init_bias is None
         else init_bias,
+        fusion_layers=model_cfg.get("fusion_layers", 0),
+        fusion_heads=model_cfg.get("fusion_heads", 4),
+        fusion_width=model_cfg.get("fusion_width", 0),
     )
 
 
