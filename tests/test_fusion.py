@@ -150,3 +150,12 @@ def test_a_fusion_run_resumes_and_evaluates_like_every_recipe(tmp_path):
     for key in ("retrieval/t2i_r1", "retrieval_reranked/t2i_r1", "retrieval_reranked/i2t_r5"):
         assert result["metrics"][key] == pytest.approx(final[key], abs=1e-6), key
     assert result["ln_shift"]["image"]["layers"] == [0, 1]
+
+
+def test_a_matching_loss_without_fusion_layers_is_named(tmp_path):
+    from valign_jax import train
+    from train_helpers import tiny_config
+    config = tiny_config("clip")
+    config.objective.itm_weight = 1.0
+    with pytest.raises(ValueError, match="itm_weight > 0 needs .* fusion_layers"):
+        train.train_and_evaluate(config, tmp_path)

@@ -7,9 +7,9 @@ Kept apart from train.py so the loop itself reads in one pass.
 from __future__ import annotations
 
 import contextlib
-import logging as std_logging
 import importlib.util
 import json
+import logging as std_logging
 import math
 from pathlib import Path
 

@@ -106,6 +106,9 @@ def itm_objective(base: Callable, weight: float = 1.0) -> Callable:
     """
 
     def objective(out, batch, rng):
+        if "match" not in out:
+            raise ValueError("config.objective.itm_weight > 0 needs a model with fusion layers "
+                             "(config.model.fusion_layers > 0)")
         loss, metrics = base(out, batch, rng)
         similarity = _unit(out["image"]) @ _unit(out["text"]).T * jnp.exp(out["logit_scale"])
         ids = batch["input_ids"]
