@@ -157,5 +157,5 @@ def test_a_matching_loss_without_fusion_layers_is_named(tmp_path):
     from train_helpers import tiny_config
     config = tiny_config("clip")
     config.objective.itm_weight = 1.0
-    with pytest.raises(ValueError, match="itm_weight > 0 needs .* fusion_layers"):
+    with pytest.raises(ValueError, match="itm_weight > 0 needs .*model.fusion_layers"):
         train.train_and_evaluate(config, tmp_path)
