@@ -3,6 +3,10 @@
 A recipe file defines `get_config(arg)`; `arg` is what follows the colon in
 `--config=configs/lilt.py:lilt_lwa,demo`: comma-separated tokens, at most one variant name plus
 modifiers (`demo`: tiny towers on the embedded synthetic data, offline).
+
+`base_config()` holds every key a config may have, with its type: valign_jax/config_checks.py
+refuses a key it lacks (a typo), a value of another type, and options that contradict each other,
+naming the key, before a run computes anything. A new option gets its default here.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 1000
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
+    c.on_nonfinite = "stop"      # a non-finite loss/gradient: "stop" naming the step, or "skip" it
     c.mesh = ml_collections.ConfigDict(dict(
         data=-1, fsdp=1,         # device mesh axes; -1 takes the remaining devices
         min_fsdp_size=2 ** 14,   # arrays smaller than this stay replicated on the fsdp axis
@@ -103,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",         # compute dtype; parameters stay float32
         scan_layers=False,
         remat="none",
+        attention_impl="xla",    # "cudnn": the fused attention kernel on NVIDIA GPUs
         init_from="",            # a full CLIP checkpoint or a previous run's workdir
         # None: the logit preset's init (placeholders, so the command line can set them)
         logit_scale_init=ml_collections.config_dict.placeholder(float),

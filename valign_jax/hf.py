@@ -8,8 +8,14 @@
 Reads `config.json` and the weights from `model.safetensors` (PyTorch layout, or sharded with
 `model.safetensors.index.json`) or `flax_model.msgpack` (Flax layout). PyTorch layout is converted
 by the expected parameter tree: linear kernels are transposed, conv kernels go OIHW -> HWIO,
-LayerNorm `weight` -> `scale`, embedding `weight` -> `embedding`. Pickled `pytorch_model.bin` is
-never opened (unpickling can run code). Hub ids go through huggingface_hub's cache.
+LayerNorm `weight` -> `scale`, embedding `weight` -> `embedding`.
+
+Loading runs no code from a checkpoint: pickled `pytorch_model.bin` is never opened (unpickling
+can run code), hub downloads fetch only weights, JSON and vocabulary files (never *.py or *.bin),
+and a config.json with `auto_map` (a model's own modelling code) is read as plain JSON: the
+architecture is this package's implementation of its `model_type`, the weights are checked
+name by name and shape by shape, and a warning says that its code was not run. Hub ids go
+through huggingface_hub's cache.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ log = logging.getLogger(__name__)
 SAFETENSORS, SAFETENSORS_INDEX, MSGPACK = ("model.safetensors", "model.safetensors.index.json",
                                            "flax_model.msgpack")
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.txt", "*.model"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.txt", "*.model"]  # no code, no pickles
 
 # model_type -> (config class, where its weights sit inside the checkpoint's tree, HF class name)
 TOWER_TYPES = {
@@ -77,7 +83,17 @@ def read_config(directory: Path) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: every checkpoint directory needs its config.json")
     with open(file) as f:
-        return json.load(f)
+        config = json.load(f)
+    if config.get("auto_map") and str(file) not in _WARNED_REMOTE_CODE:
+        _WARNED_REMOTE_CODE.add(str(file))
+        log.warning("%s names its own modelling code (auto_map: %s); valign_jax never runs it and "
+                    "builds its own %r architecture instead, loading the weights by name and "
+                    "shape. If the checkpoint's code changes the computation, results will differ.",
+                    file, sorted(config["auto_map"]), config.get("model_type"))
+    return config
+
+
+_WARNED_REMOTE_CODE: set[str] = set()  # config.json files already warned about, once each
 
 
 def read_weights(directory: Path) -> tuple[dict[str, np.ndarray], str, Path]:

@@ -42,29 +42,35 @@ def main(argv):
     config = FLAGS.config
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/lilt.py:demo")
-    if FLAGS.dry_run:
-        print(dry_run(config))
-        return
-    from valign_jax import sharding, train  # the data and logging stack load only for real runs
-    from valign_jax.run_setup import quiet_library_logs
-    sharding.initialize_distributed()  # a no-op unless the launcher set VALIGN_* variables
-    workdir = FLAGS.workdir or default_workdir(sys.argv)
-    if FLAGS.mode == "cache_features":  # relative config.data.feature_cache: in the workdir
-        from valign_jax import feature_caching
-        quiet_library_logs()
-        for path in feature_caching.cache_all(config, workdir):
-            print(f"features cached in {path}")
-        return
-    quiet_library_logs()
     try:
-        metrics = train.train_and_evaluate(config, workdir)
+        print(run(config))
     except (OSError, ValueError, FloatingPointError) as err:
         # Errors about the user's input: the message says what to change; the traceback is
         # for developers (--verbosity=1).
         logging.debug("traceback", exc_info=True)
         print(f"FATAL: {err}", file=sys.stderr)
         sys.exit(1)
-    print(summary(workdir, metrics))
+
+
+def run(config) -> str:
+    """What the flags ask for; returns the lines to print at the end. Every mode checks the
+    config first (config_checks), so a bad key or option fails before any compute."""
+    from valign_jax.config_checks import check_config
+    if FLAGS.dry_run:
+        check_config(config, devices=False)  # describes the model, not this machine's devices
+        return dry_run(config)
+    from valign_jax import sharding, train  # the data and logging stack load only for real runs
+    from valign_jax.run_setup import quiet_library_logs
+    sharding.initialize_distributed()  # a no-op unless the launcher set VALIGN_* variables
+    quiet_library_logs()
+    workdir = FLAGS.workdir or default_workdir(sys.argv)
+    if FLAGS.mode == "cache_features":  # relative config.data.feature_cache: in the workdir
+        from valign_jax import feature_caching
+        check_config(config, mode="cache_features")
+        return "\n".join(f"features cached in {path}"
+                         for path in feature_caching.cache_all(config, workdir))
+    metrics = train.train_and_evaluate(config, workdir)  # checks the config before anything
+    return summary(workdir, metrics)
 
 
 def default_workdir(argv) -> str:

@@ -28,6 +28,12 @@ Broken rows never stop a run: a missing or empty image file, a bad JSON line, a 
 empty or not a string, a tar member cut short... each keeps its index and raises
 `BrokenRecord` when read; the pipeline drops and counts it. A source without a single usable row
 is an error at open, naming it (checked cheaply: stat calls until one good row is found).
+
+Paths a dataset names never leave its root (the folder of the pairs file, the class-folder
+directory): a row whose image is `../x.jpg`, an absolute path elsewhere, or a symlink whose
+target lies outside is a broken record with that reason, refused before the file is opened, and
+counted like every other. (Tar members are read at their offsets, never extracted, so their names
+reach no file.) Keep pairs.jsonl at the top of its dataset, next to or above the images.
 """
 
 from __future__ import annotations
@@ -165,6 +171,24 @@ def _read_file(path: str) -> bytes:
     return data
 
 
+def _within(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def _inside(path: str, real_root: str) -> bool:
+    """Whether `path`, symlinks followed, lies inside `real_root` (itself a realpath)."""
+    return _within(os.path.realpath(path), real_root)
+
+
+def _read_inside(path: str, real_root: str) -> bytes:
+    """The file's bytes, unless its real location is outside the dataset root: then it is a
+    broken record and the file is never opened."""
+    if not _inside(path, real_root):
+        raise BrokenRecord(f"{path}: resolves to {os.path.realpath(path)}, outside the dataset "
+                           f"root {real_root}; refused")
+    return _read_file(path)
+
+
 def _nonempty_file(path: str) -> bool:
     try:
         return os.stat(path).st_size > 0
@@ -235,7 +259,9 @@ class PairsSource(Source):
 
     def __init__(self, path):
         path = Path(path)
-        self.name, self.root = str(path), path.parent
+        self.name, self.root = str(path), os.path.abspath(path.parent)
+        self.real_root = os.path.realpath(self.root)
+        self.outside: list[str] = []   # reasons of the rows refused for leaving the root
         self.rows: list[tuple[str, dict] | str] = []   # (image path, text record) or a reason
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
             if path.suffix == ".csv":
@@ -250,6 +276,9 @@ class PairsSource(Source):
                 for line, text in enumerate(f, start=1):
                     if text.strip():
                         self.rows.append(self._parse_json(text, f"{path}:{line}"))
+        if self.outside:
+            log.warning("%s: %d rows name an image outside %s; they are skipped, e.g. %s",
+                        self.name, len(self.outside), self.root, self.outside[0])
         self._check()
 
     def _parse_json(self, text: str, where: str):
@@ -265,11 +294,17 @@ class PairsSource(Source):
         image = row.get("image")
         if not isinstance(image, str) or not image.strip():
             return f"{where}: no image path"
+        image = image.strip()
+        path = os.path.normpath(os.path.join(self.root, image))  # an absolute image stays itself
+        if not _within(path, self.root):
+            self.outside.append(f"{where}: image {image!r} is outside the dataset root "
+                                f"{self.root}; refused")
+            return self.outside[-1]
         try:
             text = _text_record(row, where)
         except BrokenRecord as err:
             return str(err)
-        return str(self.root / image.strip()), text
+        return path, text
 
     def _check(self):
         if not self.rows:
@@ -278,7 +313,7 @@ class PairsSource(Source):
         for row in self.rows:
             if isinstance(row, str):
                 reasons.append(row)
-            elif _nonempty_file(row[0]):
+            elif _nonempty_file(row[0]) and _inside(row[0], self.real_root):
                 return
             else:
                 reasons.append(f"{row[0]}: missing or empty file")
@@ -297,7 +332,7 @@ class PairsSource(Source):
         if isinstance(row, str):
             raise BrokenRecord(row)
         # image_id: rows naming one image file are one image to the retrieval evaluator.
-        return {"image": _read_file(row[0]), "image_id": row[0], **row[1]}
+        return {"image": _read_inside(row[0], self.real_root), "image_id": row[0], **row[1]}
 
 
 def _csv_caption(cell):
@@ -318,7 +353,7 @@ class ClassFolderSource(Source):
 
     def __init__(self, root):
         root = Path(root)
-        self.name = str(root)
+        self.name, self.real_root = str(root), os.path.realpath(root)
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
             raise ValueError(f"{root}: no class folders")
@@ -332,7 +367,7 @@ class ClassFolderSource(Source):
             self.files += [str(folder / n) for n in names]
             labels += [label] * len(names)
         self.labels = np.asarray(labels, np.int32)
-        if not any(_nonempty_file(f) for f in self.files):
+        if not any(_nonempty_file(f) and _inside(f, self.real_root) for f in self.files):
             raise ValueError(f"{root}: no non-empty image file ({', '.join(IMAGE_EXTENSIONS)}) "
                              f"in its {len(folders)} class folders")
 
@@ -345,8 +380,8 @@ class ClassFolderSource(Source):
     def __getitem__(self, index) -> dict:
         label = int(self.labels[index])
         name = self.class_names[label]
-        return {"image": _read_file(self.files[index]), "caption": name, "captions": (name,),
-                "label": label}
+        return {"image": _read_inside(self.files[index], self.real_root), "caption": name,
+                "captions": (name,), "label": label}
 
 
 class TarShardSource(Source):
