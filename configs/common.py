@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
         multi_positive=False,    # sigmoid with the long caption as a second positive (SAIL)
         chunked=False,           # sigmoid: ring-chunked across devices (losses.chunked_sigmoid)
         itm_weight=0.0,          # fusion models: + weight x image-text matching on hard negatives
+        itm_negatives=1,         # hard negatives drawn per image and per caption for that loss
         clip_refine=ml_collections.ConfigDict(dict(
             weights=(0.0, 1.0, 1.0),   # lambda for (CLIP, RaFA, HyCD)
             prior_std=1.0,             # RaFA references r ~ N(0, prior_std^2 I)

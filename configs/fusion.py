@@ -7,8 +7,8 @@ encoder's dot product; the match head re-ranks its top k (`retrieval_reranked/..
 
 Variants: `scratch` (CLIP ViT-B/16 + text transformer, from scratch; default) and
 `pretrained_towers` (DeiT-B/16 and BERT-base weights). The demo trains tiny towers on
-`synthetic:relations`, two shapes whose captions differ from their swapped twin's only in which
-colour goes with which shape, and evaluates on swapped pairs: what pooled vectors miss.
+`synthetic:relations`, three shapes whose captions differ from their swapped twin's only in
+which colour goes with which shape, and evaluates on swapped pairs: what pooled vectors miss.
 """
 
 import sys
@@ -28,8 +28,9 @@ def get_config(arg=None):
     c.objective.itm_weight = 1.0
     c.eval.rerank_k = 10
     if "demo" in modifiers:
-        common.demo_towers(c)
+        common.demo_towers(c, image_image_size=48)  # three shapes, one per 16-px column
         c.model.fusion_heads = 4
+        c.objective.itm_negatives = 4  # the head sees 8 hard pairs per example, not 2
         common.demo(c, steps=1000, lr=2e-3)
         c.data.train = c.data.eval = "synthetic:relations"
         c.eval.zeroshot = ""

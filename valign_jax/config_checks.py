@@ -32,6 +32,7 @@ RANGES = {
     "batch_size": (1, None), "total_steps": (0, None), "log_every": (1, None),
     "eval_every": (1, None), "checkpoint_every": (1, None), "keep_checkpoints": (1, None),
     "mesh.min_fsdp_size": (1, None), "objective.itm_weight": (0, None),
+    "objective.itm_negatives": (1, None),
     "objective.clip_refine.alpha": (0, 1),
     "data.num_train": (1, None), "data.num_eval": (1, None), "data.threads": (0, None),
     "data.workers": (0, None),

@@ -115,7 +115,8 @@ def make_objective(objective_cfg, mesh):
                                       mesh=mesh if chunked else None,
                                       batch_axes=sharding.BATCH_AXES)
     if objective_cfg.get("itm_weight", 0.0):  # the fusion re-ranker's matching loss
-        objective = itm_objective(objective, objective_cfg.itm_weight)
+        objective = itm_objective(objective, objective_cfg.itm_weight,
+                                  objective_cfg.get("itm_negatives", 1))
     return objective
 
 
