@@ -6,47 +6,88 @@
     <workdir>/config.json                the run's config
 
 Saving is asynchronous (training continues while the arrays are written) and atomic: orbax
-writes into a temporary directory and renames it when complete, so a run killed mid-save leaves
-the previous checkpoint as the latest. Only the last `keep` checkpoints are kept.
+writes into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` when complete (on
+GCS, where renames are not atomic, a `commit_success.txt` marks it complete), so a run killed
+mid-save leaves the previous checkpoint as the latest; the next run deletes the half-written
+directory. Only the last `keep` checkpoints are kept, and older ones are deleted only after a
+newer one is complete. A save that fails (disk full, directory made unwritable) stops the run
+with a `CheckpointWriteError` naming the step and the checkpoint that is still intact.
+
+TEST HOOK. The reliability tests SIGKILL a run at exact points (tests/test_reliability_resume.py)
+through the environment variable VALIGN_TEST_SIGKILL_AT, inert when unset:
+  step:<N>   after training step N, once every checkpoint started so far is on disk
+  save:<N>   while checkpoint N is being written: from orbax's background thread, after the
+             arrays are written and before the directory is committed
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 CHECKPOINTS = "checkpoints"
 MODEL_JSON = "model.json"
 CONFIG_JSON = "config.json"
 
 
+SIGKILL_ENV = "VALIGN_TEST_SIGKILL_AT"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message names the step and what is still intact."""
+
+
 class Checkpoints:
-    """The checkpoints of one workdir. `data_handler`: the input pipeline's orbax handler
-    (grain's), when the iterator position is saved too."""
+    """The checkpoints of one workdir, as the training run writes them. `data_handler`: the
+    input pipeline's orbax handler (grain's), when the iterator position is saved too."""
 
     def __init__(self, workdir, keep: int = 3, data_handler=None, async_save: bool = True):
         self.directory = Path(workdir).absolute() / CHECKPOINTS
         handlers = {"state": ocp.StandardCheckpointHandler()}
+        kill_step = sigkill_point("save")
+        self._sigkill = (None if kill_step is None
+                         else _SigkillDuringWrite(handlers["state"], kill_step))
         if data_handler is not None:
             handlers["data"] = data_handler
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        # cleanup_tmp_directories: a killed run's half-written checkpoint (as big as a whole
+        # one) is deleted when the next run starts, so preemptions do not fill the disk.
+        # Directories are made before `save` returns: made in the background, a failure
+        # (unwritable directory) left orbax's writers waiting out a timeout, then reporting it
+        # instead of the cause.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=handlers)
+        self._writing = None  # the step whose save may still be running in the background
 
     def latest_step(self) -> int | None:
+        """The newest complete checkpoint; half-written ones are never listed."""
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_args=None) -> None:
-        """Start saving `state` (and `data_args`, e.g. grain.checkpoint.CheckpointSave(it))."""
+        """Start saving `state` (and `data_args`, e.g. grain.checkpoint.CheckpointSave(it)).
+        Raises CheckpointWriteError if this save or the previous one cannot be written."""
+        self.wait()  # a failure of the previous save is reported as that step's
         items = {"state": ocp.args.StandardSave(state)}
         if data_args is not None:
             items["data"] = data_args
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if self._sigkill is not None:
+            self._sigkill.armed = step == self._sigkill.step
+        self._writing = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as err:  # noqa: BLE001  (whatever the storage raised, said plainly)
+            self._writing = None
+            raise self._write_error(step, err) from err
 
     def restore(self, step: int, abstract_state, data_args=None):
         """The state at `step`, placed per the shardings in `abstract_state`
@@ -54,14 +95,108 @@ class Checkpoints:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_args is not None:
             items["data"] = data_args
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        except ValueError as err:  # orbax's message names the first array that differs
+            raise ValueError(f"{self.directory / str(step)} does not fit this run's train "
+                             f"state or data pipeline ({str(err)[:500]}); it was written by "
+                             f"another version of valign_jax: use a new --workdir") from err
 
     def wait(self) -> None:
-        """Block until every started save is on disk."""
-        self.manager.wait_until_finished()
+        """Block until every started save is on disk; CheckpointWriteError if one failed."""
+        step, self._writing = self._writing, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            raise self._write_error(step, err) from err
 
     def close(self) -> None:
-        self.manager.close()
+        """Let a save in flight finish, then release orbax. Failures are logged here, never
+        raised: the caller's own exception (the reason it is closing) must not be masked, and a
+        run that succeeded has called `wait`, which raises them."""
+        try:
+            self.wait()
+        except CheckpointWriteError as err:
+            logging.error("%s", err)
+        try:
+            self.manager.close()
+        except Exception as err:  # noqa: BLE001
+            logging.error("closing the checkpoints in %s: %s", self.directory, err)
+
+    def _write_error(self, step, err: Exception) -> CheckpointWriteError:
+        try:
+            self.manager.reload()  # orbax forgot the steps it meant to replace; the disk knows
+            intact = self.manager.latest_step()
+            kept = (f"the previous checkpoint, step {intact}, is intact" if intact is not None
+                    else "there is no earlier checkpoint")
+        except Exception as list_err:  # noqa: BLE001  (the directory itself may be gone)
+            kept = f"listing the earlier checkpoints failed too ({list_err})"
+        cause = _root_os_error(err) or err
+        error = CheckpointWriteError(
+            f"could not write the checkpoint of step {step} to {self.directory}: {cause}. "
+            f"The run stopped; {kept}. Free disk space or make the directory writable, then "
+            f"rerun the same command to resume.")
+        error.errno = getattr(cause, "errno", None)
+        return error
+
+
+def _root_os_error(err: BaseException) -> OSError | None:
+    """The OSError (ENOSPC, EACCES, EROFS, ...) behind an exception orbax may have wrapped."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def sigkill_point(kind: str) -> int | None:
+    """TEST HOOK: N if VALIGN_TEST_SIGKILL_AT is `<kind>:N` (see the module docstring)."""
+    value = os.environ.get(SIGKILL_ENV, "")
+    if not value:
+        return None
+    where, _, step = value.partition(":")
+    if where not in ("step", "save") or not step.isdigit():
+        raise ValueError(f"{SIGKILL_ENV}={value!r}: expected 'step:<N>' or 'save:<N>' (a test "
+                         f"hook; unset it for real runs)")
+    return int(step) if where == kind else None
+
+
+def sigkill_self() -> None:
+    """TEST HOOK: end this process as `kill -9` would: no cleanup, no finally blocks."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _SigkillDuringWrite:
+    """TEST HOOK (VALIGN_TEST_SIGKILL_AT=save:<step>): wraps the state handler's async_save so
+    that, for checkpoint <step>, orbax's background thread is handed a future that waits for
+    the array writes and then SIGKILLs the process, before orbax commits the directory."""
+
+    def __init__(self, handler, step: int):
+        self.step, self.armed = step, False
+        self._async_save = handler.async_save
+        handler.async_save = self.async_save  # the instance only; orbax still sees its class
+
+    async def async_save(self, *args, **kwargs):
+        futures = await self._async_save(*args, **kwargs)
+        return [_SigkillWhenAwaited(futures or [])] if self.armed else futures
+
+
+class _SigkillWhenAwaited:
+    """An orbax commit future: waits for `futures`, then kills the process."""
+
+    def __init__(self, futures):
+        self.futures = futures
+
+    def result(self, timeout=None):
+        for f in self.futures:
+            f.result(timeout=timeout)
+        sigkill_self()
+
+    def cancel(self):
+        for f in self.futures:
+            f.cancel()
 
 
 def restore_params(workdir, step: int | None = None):
@@ -81,7 +216,8 @@ def restore_params(workdir, step: int | None = None):
             raise FileNotFoundError(f"{directory}: no finished checkpoint")
         step = max(steps) if step is None else step
         if step not in steps:
-            raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; have {sorted(steps)}")
+            raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; have "
+                                    f"{sorted(steps)}")
         metadata = manager.item_metadata(step)["state"]
         tree = metadata.tree if hasattr(metadata, "tree") else metadata
         target = {"params": jax.tree.map(_host_restore_target, tree["params"])}

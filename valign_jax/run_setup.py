@@ -186,10 +186,17 @@ class MetricsLog:
 
 
 def _last_line(path: Path) -> dict:
+    """The last complete line of metrics.jsonl. A run killed mid-append leaves a cut line: it is
+    dropped from the file (the resumed run writes that evaluation again)."""
     if not path.is_file():
         return {}
     lines = path.read_text().splitlines()
-    return json.loads(lines[-1]) if lines else {}
+    try:
+        return json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        logging.warning("%s: dropping a cut last line %r", path, lines[-1][:80])
+        path.write_text("".join(line + "\n" for line in lines[:-1]))
+        return json.loads(lines[-2]) if len(lines) > 1 else {}
 
 
 def _scalar_hparams(config) -> dict:

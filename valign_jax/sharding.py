@@ -118,6 +118,15 @@ def initialize_distributed() -> bool:
     """
     env = os.environ
     if env.get("VALIGN_COORDINATOR_ADDRESS"):
+        bad = [k for k in ("VALIGN_NUM_PROCESSES", "VALIGN_PROCESS_ID")
+               if not env.get(k, "").isdigit()]
+        if bad:
+            raise ValueError(f"VALIGN_COORDINATOR_ADDRESS={env['VALIGN_COORDINATOR_ADDRESS']} is "
+                             f"set, so {' and '.join(bad)} must be too (integers: how many "
+                             f"processes, and this one's index from 0)")
+        # Processes on CPU exchange arrays through gloo (jax's default today; explicit, as
+        # without CPU collectives every cross-process computation fails).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=env["VALIGN_COORDINATOR_ADDRESS"],
                                    num_processes=int(env["VALIGN_NUM_PROCESSES"]),
                                    process_id=int(env["VALIGN_PROCESS_ID"]))

@@ -9,7 +9,12 @@ objective, the optimizer and the data. This loop does the same thing for all of 
   into metrics.jsonl, checkpointing every checkpoint_every steps -> final evaluation + checkpoint.
 
 Rerunning the same command in the same workdir resumes (step, parameters, optimizer state, rng
-and the data iterator's position), so a resumed run ends where an uninterrupted one does.
+and the data iterator's position), so a resumed run ends where an uninterrupted one does, bit
+for bit, wherever the first one was killed (tests/test_reliability_resume.py).
+
+A non-finite loss or gradient norm stops the run naming the step, with the last good checkpoint
+intact (config.on_nonfinite="stop"), or drops that step's update and counts it in
+`train/skipped_steps` ("skip").
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 from absl import logging
 
 from valign_jax import checkpointing, feature_caching, optim, peft, sharding
+from valign_jax.config_checks import check_config
 from valign_jax.data import feature_cache, pipeline
 from valign_jax.evaluation.build import make_evaluator
 from valign_jax.run_setup import (MetricsLog, build_model, initial_params, input_setup,
@@ -50,9 +56,15 @@ class Trainer:
                             shapes, self.state_sh)
 
 
+NONFINITE_MODES = ("stop", "skip")
+
+
 def make_trainer(config, model, mesh, total_steps: int) -> Trainer:
     """Parameters, which of them train, the optimizer, where each array lives on the mesh,
     and the jitted step with explicit shardings."""
+    if config.on_nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; expected one of "
+                         f"{NONFINITE_MODES}")
     abstract_params = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs()))["params"]
     labels = peft.make_labels(abstract_params, config.peft.recipe, config.peft.overrides)
@@ -64,7 +76,8 @@ def make_trainer(config, model, mesh, total_steps: int) -> Trainer:
     init_state = jax.jit(lambda p: create_state(p, optimizer, rng), in_shardings=(param_sh,),
                          out_shardings=state_sh)
     step_fn = make_train_step(model, optimizer, labels, make_objective(config.objective, mesh),
-                              config.model.logit_preset)
+                              config.model.logit_preset,
+                              skip_nonfinite=config.on_nonfinite == "skip")
     batch_sh, out_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     # CLIP-Refine's teacher (the frozen initial model) is a third argument, never a constant
     # baked into the compiled step.
@@ -77,6 +90,7 @@ def make_trainer(config, model, mesh, total_steps: int) -> Trainer:
 
 def train_and_evaluate(config, workdir) -> dict:
     """Train per `config` in `workdir`; returns the final evaluation's metrics."""
+    check_config(config)  # every key and option, before any compute
     workdir = prepare_workdir(workdir)
     if config.get("pretrain"):
         config = _run_pretrain_stage(config, workdir)
@@ -130,13 +144,13 @@ def train_and_evaluate(config, workdir) -> dict:
     log = MetricsLog(workdir, config, total_steps)
     log.writer.write_texts(0, {"parameters": "    " + report.replace("\n", "\n    ")})
     if start == 0:
-        log.write(0, evaluator(state.params))
+        log.write(0, _evaluate(evaluator, state))
 
     try:
         _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_steps,
                     checkpoints, evaluator, log)
+        checkpoints.wait()  # the run reports success only once its last checkpoint is on disk
     finally:  # a crash or Ctrl-C still lets the checkpoint being written finish
-        checkpoints.wait()
         checkpoints.close()
         log.close()
     if start >= total_steps:
@@ -146,6 +160,8 @@ def train_and_evaluate(config, workdir) -> dict:
 
 def _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_steps,
                 checkpoints, evaluator, log):
+    stop_on_nonfinite = config.on_nonfinite == "stop"  # "skip": the step itself drops them
+    sigkill_after = checkpointing.sigkill_point("step")  # a test hook; None in real runs
     pending, previous = [], None
     for step in range(start, total_steps):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -155,20 +171,47 @@ def _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_
             args = (state, batch) if teacher is None else (state, batch, teacher)
             state, metrics = trainer.train_step(*args)
         pending.append(metrics)
-        if previous is not None:  # one step behind, so the device never waits for the host
-            _check_finite(*previous, checkpoints)
+        if previous is not None and stop_on_nonfinite:
+            _check_finite(*previous, checkpoints)  # one step behind: the device never waits
         previous = (step + 1, metrics)
         log.progress(step + 1)
         done = step + 1 == total_steps
         if (step + 1) % config.log_every == 0 or done:
-            _check_finite(*previous, checkpoints)
-            log.train_metrics(step + 1, pending)
+            if stop_on_nonfinite:
+                _check_finite(*previous, checkpoints)
+            _log_train_metrics(log, step + 1, pending, state, not stop_on_nonfinite)
             pending = []
         if (step + 1) % config.checkpoint_every == 0 or done:
-            _check_finite(*previous, checkpoints)
+            if stop_on_nonfinite:
+                _check_finite(*previous, checkpoints)
             checkpoints.save(step + 1, state, pipeline.iterator_save_args(train_iter))
         if (step + 1) % config.eval_every == 0 or done:
-            log.write(step + 1, evaluator(state.params))
+            log.write(step + 1, _evaluate(evaluator, state))
+        if step + 1 == sigkill_after:
+            checkpoints.wait()  # so the test knows exactly which checkpoints exist
+            checkpointing.sigkill_self()
+
+
+def _evaluate(evaluator, state) -> dict:
+    return {**evaluator(state.params), "train/skipped_steps": int(state.skipped_steps)}
+
+
+def _log_train_metrics(log, step: int, pending: list, state, skipping: bool) -> None:
+    """Means over the steps since the last log, of the steps that updated the model (a
+    skipped step's NaN loss would hide every other), and, when skipping, the count of skipped
+    steps so far."""
+    values = jax.device_get(pending)
+    kept = [{k: v for k, v in m.items() if k != "skipped"} for m in values
+            if not m.get("skipped", 0)]
+    if kept:
+        log.train_metrics(step, kept)
+    first = step - len(values) + 1
+    skipped_now = [first + i for i, m in enumerate(values) if m.get("skipped", 0)]
+    if skipped_now:
+        logging.warning("training step(s) %s had a non-finite loss or gradient norm: their "
+                        "updates were dropped (config.on_nonfinite='skip')", skipped_now)
+    if skipping:
+        log.writer.write_scalars(step, {"train/skipped_steps": int(state.skipped_steps)})
 
 
 def _check_finite(step: int, metrics: dict, checkpoints) -> None:
@@ -182,7 +225,8 @@ def _check_finite(step: int, metrics: dict, checkpoints) -> None:
         f"non-finite training values at step {step}: {values}. The run stopped; the last good "
         f"checkpoint is " + (f"step {last} in {checkpoints.directory}" if last else "none (it "
         f"failed before the first checkpoint)") + ". Lower config.optim.lr or set "
-        f"config.optim.grad_clip_norm, then rerun to resume from it.")
+        f"config.optim.grad_clip_norm, then rerun to resume from it; or set "
+        f"config.on_nonfinite='skip' to drop such steps' updates and count them.")
 
 
 def _run_pretrain_stage(config, workdir: Path):

@@ -24,11 +24,13 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
+    skipped_steps: jax.Array  # steps whose update was dropped as non-finite (skip_nonfinite)
 
 
 def create_state(params, optimizer: optax.GradientTransformation, rng) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=rng)
+                      opt_state=optimizer.init(params), rng=rng,
+                      skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def _unit(x):
@@ -97,12 +99,14 @@ def clip_refine_objective(weights=(0.0, 1.0, 1.0), prior_std: float = 1.0,
     return objective
 
 
-def itm_objective(base: Callable, weight: float = 1.0) -> Callable:
+def itm_objective(base: Callable, weight: float = 1.0, negatives: int = 1) -> Callable:
     """`base` (the contrastive objective) + weight · image–text matching on hard negatives.
 
-    Per image, a caption drawn from the in-batch similarities (never its own, nor an identical
-    one), and per caption an image; the fusion head scores them next to the B true pairs
-    (out["match_logits"]). Needs a DualEncoder with fusion layers: out["match"] scores pairs.
+    Per image, `negatives` captions drawn from the in-batch similarities (never its own, nor an
+    identical one), and per caption as many images; the fusion head scores them next to the B
+    true pairs (out["match_logits"]). Needs a DualEncoder with fusion layers: out["match"]
+    scores pairs. More draws give the head more of the pairs it must tell apart per step (the
+    contrastive loss sees B - 1 negatives per row; the head only what is drawn).
     """
 
     def objective(out, batch, rng):
@@ -113,18 +117,20 @@ def itm_objective(base: Callable, weight: float = 1.0) -> Callable:
         similarity = _unit(out["image"]) @ _unit(out["text"]).T * jnp.exp(out["logit_scale"])
         ids = batch["input_ids"]
         same_caption = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
-        text_rng, image_rng = jax.random.split(jax.random.fold_in(rng, 1))
-        neg_text, text_ok = losses.sample_hard_negatives(text_rng, similarity, same_caption)
-        neg_image, image_ok = losses.sample_hard_negatives(image_rng, similarity.T,
-                                                           same_caption)
         image_tokens, text_tokens, mask = out["image_tokens"], out["text_tokens"], out[
             "text_mask"]
-        text_neg_logits = out["match"](image_tokens, text_tokens[neg_text], mask[neg_text])
-        image_neg_logits = out["match"](image_tokens[neg_image], text_tokens, mask)
-        matching = losses.itm(out["match_logits"], (text_neg_logits, image_neg_logits),
-                              (text_ok, image_ok))
-        accuracy = jnp.mean(jnp.concatenate([out["match_logits"] > 0, text_neg_logits < 0,
-                                             image_neg_logits < 0]))
+        neg_logits, neg_valid = [], []
+        for draw in range(negatives):
+            text_rng, image_rng = jax.random.split(jax.random.fold_in(rng, 1 + draw))
+            neg_text, text_ok = losses.sample_hard_negatives(text_rng, similarity, same_caption)
+            neg_image, image_ok = losses.sample_hard_negatives(image_rng, similarity.T,
+                                                               same_caption)
+            neg_logits += [out["match"](image_tokens, text_tokens[neg_text], mask[neg_text]),
+                           out["match"](image_tokens[neg_image], text_tokens, mask)]
+            neg_valid += [text_ok, image_ok]
+        matching = losses.itm(out["match_logits"], neg_logits, neg_valid)
+        accuracy = jnp.mean(jnp.concatenate([out["match_logits"] > 0]
+                                            + [logits < 0 for logits in neg_logits]))
         return loss + weight * matching, {**metrics, "loss_contrastive": loss,
                                           "loss_itm": matching, "itm_accuracy": accuracy}
     return objective
@@ -147,8 +153,13 @@ def model_inputs(batch):
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, labels,
-                    objective: Callable, logit_preset: str | None = None):
+                    objective: Callable, logit_preset: str | None = None,
+                    skip_nonfinite: bool = False):
     """step(state, batch[, teacher_params]) -> (state, metrics).
+
+    skip_nonfinite: a step whose loss or gradient norm is not finite keeps the parameters and
+    the optimizer state it was given, bit for bit; it still advances `step` and the rng (its
+    batch is consumed), adds one to `skipped_steps` and reports metrics["skipped"] = 1.
 
     batch: see `model_inputs`; a second caption per image (SAIL's long captions) is encoded as
     out["text_long"]. teacher_params (CLIP-Refine's HyCD): a frozen copy of the initial
@@ -189,6 +200,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation, labels,
                                                                  logit_preset)
         params = peft.merge(trainable, frozen)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
-        return TrainState(state.step + 1, params, opt_state, rng), metrics
+        skipped = jnp.zeros((), jnp.int32)
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+            keep_old = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+            params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
+            skipped = 1 - finite.astype(jnp.int32)
+            metrics["skipped"] = skipped
+        return TrainState(state.step + 1, params, opt_state, rng,
+                          state.skipped_steps + skipped), metrics
 
     return step

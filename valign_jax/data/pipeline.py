@@ -9,10 +9,11 @@ for multi-positive recipes, and `skipped` (below).
 
 The training stream, per process:
 
-    range(len(source)) -> seeded shuffle, reshuffled every epoch -> every process_count-th
-    (the processes' local batches together form the global batch) -> random_map(prepare): read,
+    range(len(source)) -> seeded shuffle, reshuffled every epoch -> random_map(prepare): read,
     pick a caption, decode + augment, all randomness from grain's per-record Generator (a pure
-    function of seed and position) -> threads read ahead -> fill batches -> collate
+    function of seed and global position, so any number of processes sees the same records)
+    -> every process_count-th (the processes' local batches together form the global batch)
+    -> threads read ahead -> fill batches -> collate
     -> [num_workers > 0: grain worker processes, each doing all of the above on its slice]
 
 BROKEN RECORDS. A record that cannot be used (missing/empty/truncated/non-image file, empty or
@@ -234,7 +235,7 @@ def train_dataset(source, collate: Collate, global_batch_size: int, seed: int,
         raise ValueError(f"{name}: the source has no records")
     prepare = _Prepare(source, _transform_for(source, transform, "train"), sample_caption=True)
     ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
-    ds = ds[index::count].random_map(prepare, seed=seed)
+    ds = ds.random_map(prepare, seed=seed)[index::count]  # per-record rng: global position
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
     ds = _FillBatches(ds, local_batch, max_broken_in_a_row, name).map(_CollateCounting(collate))
     if num_workers > 0:
@@ -254,8 +255,8 @@ def cached_train_dataset(cache, global_batch_size: int, seed: int,
     import jax
     from valign_jax.data import feature_cache
     count, index = jax.process_count(), jax.process_index()
-    ds = grain.MapDataset.source(cache).shuffle(seed=seed).repeat(None)[index::count]
-    ds = ds.random_map(feature_cache.sample_caption, seed=seed)
+    ds = grain.MapDataset.source(cache).shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(feature_cache.sample_caption, seed=seed)[index::count]
     ds = ds.batch(global_batch_size // count, drop_remainder=True,
                   batch_fn=feature_cache.collate_features)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4))

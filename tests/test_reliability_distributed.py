@@ -1,0 +1,97 @@
+"""Two processes on this machine train as one (issue 10, item 3).
+
+Two children run the command a user runs on each host of a cluster,
+`python -m valign_jax.main ...` with VALIGN_COORDINATOR_ADDRESS / VALIGN_NUM_PROCESSES /
+VALIGN_PROCESS_ID (sharding.initialize_distributed -> jax.distributed.initialize), one CPU
+device each and gloo collectives: a mesh of 2 devices, each process feeding half of every
+global batch of 8. The reference is the same config trained by this process alone on one
+device, with the whole batch of 8.
+"""
+
+import socket
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+import valign_jax
+from valign_jax import train
+
+from conftest import REPO
+from reliability_helpers import child_env, flat, main_command, read_metrics, run_config
+
+CHANGES = {"total_steps": 10, "log_every": 1, "checkpoint_every": 5, "eval_every": 10}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_losses(workdir) -> dict:
+    """{step: train/loss} from the run's TensorBoard events (logged every step here)."""
+    import tensorflow as tf
+    losses = {}
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == "train/loss":
+                    losses[event.step] = float(tf.make_ndarray(value.tensor))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if jax.default_backend() != "cpu":
+        pytest.skip("compares against this process's run, which must be on CPU too")
+    root = tmp_path_factory.mktemp("distributed")
+    port, children = free_port(), []
+    for index in range(2):
+        env = child_env(JAX_PLATFORMS="cpu", VALIGN_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                        VALIGN_NUM_PROCESSES="2", VALIGN_PROCESS_ID=str(index))
+        log = open(root / f"process_{index}.log", "w")
+        children.append((subprocess.Popen(main_command(root / "two", **CHANGES), cwd=REPO,
+                                          env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        train.train_and_evaluate(run_config(**CHANGES), root / "one")  # meanwhile, alone
+        codes = [child.wait(timeout=600) for child, _ in children]
+    finally:
+        for child, log in children:
+            if child.poll() is None:
+                child.kill()
+            log.close()
+    logs = [(root / f"process_{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    return root / "two", root / "one"
+
+
+def test_two_processes_give_the_losses_of_one(runs):
+    """Asserts: the loss of each of the 10 steps (process 0's TensorBoard events) equals the
+    single-process run's within 1e-5, and the run learns."""
+    two, one = runs
+    two_losses, one_losses = train_losses(two), train_losses(one)
+    assert sorted(one_losses) == list(range(1, 11))
+    assert sorted(two_losses) == sorted(one_losses)
+    np.testing.assert_allclose([two_losses[s] for s in sorted(two_losses)],
+                               [one_losses[s] for s in sorted(one_losses)], atol=1e-5, rtol=0)
+    assert one_losses[10] < one_losses[1], "the run learns"
+
+
+def test_two_processes_write_one_checkpoint_and_one_metrics_log(runs):
+    """Asserts: the shared workdir holds checkpoints 5 and 10 once each, nothing half-written,
+    each with the data-iterator position of both processes; metrics.jsonl has one line per
+    evaluation (steps 0 and 10, not one per process); the final parameters load with
+    load_trained and agree with the single-process run's within 1e-4."""
+    two, one = runs
+    directory = two / "checkpoints"
+    assert sorted(p.name for p in directory.iterdir()) == ["10", "5"]
+    for step in ("5", "10"):
+        data = sorted(p.name for p in (directory / step / "data").glob("process_*"))
+        assert data == ["process_0-of-2.json", "process_1-of-2.json"], data
+    assert [m["step"] for m in read_metrics(two)] == [0, 10]
+    params_two, params_one = (flat(valign_jax.load_trained(w)[1]) for w in (two, one))
+    assert sorted(params_two) == sorted(params_one)
+    for name, value in params_one.items():
+        np.testing.assert_allclose(params_two[name], value, atol=1e-4, rtol=0, err_msg=name)
