@@ -27,6 +27,9 @@ def prepare_workdir(workdir) -> Path:
     """The workdir, created and proven writable before any compute starts."""
     if not workdir:
         raise ValueError("--workdir is required for a training run")
+    if "://" in str(workdir):  # pathlib would quietly write under ./gs:/... on each host
+        raise ValueError(f"--workdir={workdir}: URLs (gs://...) are not supported yet; use a "
+                         f"local or mounted path (on TPU VMs: gcsfuse the bucket)")
     path = Path(workdir).absolute()
     probe = path / ".write_test"
     try:
