@@ -90,6 +90,26 @@ def tf_data(pairs: Path, batches: int, threads: int) -> float:
     return batches * BATCH / (time.perf_counter() - start)
 
 
+def measure(images: int, batches: int, threads: int) -> dict:
+    """`data_pipeline_vs_tf_data_images_per_s_ratio` for benchmarks.run: ours (crop, flip,
+    threads) over tf.data doing the same work on the same files."""
+    from benchmarks import common
+    try:
+        import grain  # noqa: F401
+        import tensorflow  # noqa: F401
+    except ImportError as err:
+        return {"data_pipeline_vs_tf_data_images_per_s_ratio": common.skipped(
+            f"the data stack is not installed ({err})")}
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = write_dataset(Path(tmp), images)
+        reference = tf_data(pairs, batches, threads)
+        rate = ours(pairs, batches, threads, False, 0)
+    return {"data_pipeline_vs_tf_data_images_per_s_ratio": common.figure(
+        rate / reference, sizes={"images": images, "batches": batches, "batch": BATCH,
+                                 "size": SIZE, "threads": threads},
+        images_per_s={"valign_jax grain (crop, flip)": rate, "tf.data (crop, flip)": reference})}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)

@@ -23,6 +23,7 @@ def _overrides(tower_cfg, model_cfg, side: str) -> dict:
     """Run options and shape overrides the config sets on one tower."""
     overrides = dict(dtype=model_cfg.dtype, scan_layers=model_cfg.scan_layers,
                      remat=model_cfg.remat, adapter_init=model_cfg.adapter_init,
+                     attention_impl=model_cfg.get("attention_impl", "xla"),
                      adapter_dim=tower_cfg.adapter_dim, deep_layers=tower_cfg.deep_layers)
     if tower_cfg.pooling:
         overrides["pooling"] = tower_cfg.pooling

@@ -39,6 +39,8 @@ class TowerConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
+        if self.attention_impl not in ("xla", "cudnn"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected 'xla' or 'cudnn'")
         if self.adapter_init not in ("normal", "identity"):
             raise ValueError(f"adapter_init={self.adapter_init!r}; expected 'normal' or 'identity'")
         allowed = self.POOLINGS

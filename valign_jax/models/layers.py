@@ -59,15 +59,12 @@ def causal_mask(length: int) -> jax.Array:
     return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
 
 
-def dot_product_attention(q, k, v, mask=None, implementation: str = "xla"):
-    """Scaled dot-product attention over (B, L, H, Dh) heads.
+def xla_attention(q, k, v, mask=None):
+    """Scaled dot-product attention over (B, L, H, Dh) heads, as plain einsums XLA fuses.
 
     mask: boolean, broadcastable to (B, H, Lq, Lk), True where a query may attend a key.
     The softmax runs in float32 whatever the compute dtype, so bf16 towers stay close to fp32.
-    `implementation="cudnn"` routes to jax's fused kernel on NVIDIA GPUs.
     """
-    if implementation != "xla":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     depth = q.shape[-1]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / math.sqrt(depth)
@@ -75,6 +72,65 @@ def dot_product_attention(q, k, v, mask=None, implementation: str = "xla"):
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def fused_attention(q, k, v, mask=None, implementation: str | None = None):
+    """jax.nn.dot_product_attention on the same (B, L, H, Dh) layout and boolean mask."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def cudnn_attention(q, k, v, mask=None):
+    """jax's fused cuDNN (flash) attention kernel: NVIDIA GPUs, bf16/fp16 compute only.
+
+    Refused with a clear error elsewhere rather than silently falling back, so a config that
+    asks for the fused kernel never measures the unfused one by accident.
+    """
+    backend = jax.default_backend()
+    if backend != "gpu":
+        raise ValueError(f"attention_impl='cudnn' runs jax's fused cuDNN kernel, which needs an "
+                         f"NVIDIA GPU; this process's jax backend is {backend!r}. Use "
+                         f"attention_impl='xla' (the same attention, unfused).")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention_impl='cudnn' needs a bfloat16 or float16 compute dtype; "
+                         f"this tower computes in {q.dtype}. Set the tower's dtype='bfloat16' "
+                         f"(config.model.dtype) or attention_impl='xla'.")
+    return kernel_ready_attention(q, k, v, mask, "cudnn")
+
+
+def kernel_ready_attention(q, k, v, mask=None, implementation: str | None = None):
+    """fused_attention with its inputs in the form jax's cuDNN path accepts when training.
+
+    The mask is broadcast to full (B, 1, Lq, Lk) length, the only mask shape the kernel takes.
+    An odd sequence length (ViT-B/16 at 224 px: 197 tokens) is refused, so it is padded by one
+    token that no query attends; without a mask the padding is excluded by sequence lengths,
+    which keeps cuDNN's bias-free kernel. The tests run this with implementation="xla".
+    """
+    length = q.shape[1]
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (q.shape[0], 1, length, k.shape[1]))
+    if length % 2 == 0:
+        return fused_attention(q, k, v, mask, implementation)
+    pad = lambda t: jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    if mask is None:
+        lengths = jnp.full((q.shape[0],), length, jnp.int32)
+        out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths,
+                                           key_value_seq_lengths=lengths,
+                                           implementation=implementation)
+    else:  # the padded key is masked out; the padded query's row is dropped below
+        out = fused_attention(pad(q), pad(k), pad(v), jnp.pad(mask, ((0, 0), (0, 0), (0, 1),
+                                                                      (0, 1))), implementation)
+    return out[:, :length]
+
+
+# config.attention_impl -> the function computing attention. Looked up at call time.
+ATTENTION = {"xla": xla_attention, "cudnn": cudnn_attention}
+
+
+def dot_product_attention(q, k, v, mask=None, implementation: str = "xla"):
+    """Attention by `implementation` (a tower's attention_impl, a key of ATTENTION)."""
+    if implementation not in ATTENTION:
+        raise ValueError(f"attention_impl={implementation!r}; expected one of {sorted(ATTENTION)}")
+    return ATTENTION[implementation](q, k, v, mask)
 
 
 class SelfAttention(nn.Module):
