@@ -53,7 +53,7 @@ CHOICES = {
     "objective.clip_refine.rafa_form": ("official", "paper"),
     "objective.clip_refine.hycd_features": ("raw", "normalized"),
     "optim.name": ("adamw", "lion", "sgd"),
-    "on_nonfinite": ("stop", "skip"),    # train.NONFINITE_MODES (train.py pulls in the data stack)
+    "on_nonfinite": ("stop", "skip"),    # train._train_loop: stop naming the step, or skip it
 }
 SIGMOID_ONLY = {"norm": "batch", "multi_positive": False, "chunked": False}  # and their defaults
 

@@ -56,15 +56,9 @@ class Trainer:
                             shapes, self.state_sh)
 
 
-NONFINITE_MODES = ("stop", "skip")
-
-
 def make_trainer(config, model, mesh, total_steps: int) -> Trainer:
     """Parameters, which of them train, the optimizer, where each array lives on the mesh,
     and the jitted step with explicit shardings."""
-    if config.on_nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; expected one of "
-                         f"{NONFINITE_MODES}")
     abstract_params = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs()))["params"]
     labels = peft.make_labels(abstract_params, config.peft.recipe, config.peft.overrides)
