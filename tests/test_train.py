@@ -111,6 +111,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                           monkeypatch):
+    """Step 3's batch gets NaN pixels (checkpoints every 2 steps): the run stops with a
+    FloatingPointError naming step 3 and checkpoint 2; only checkpoint 2 exists, and it loads
+    with finite parameters."""
     config = tiny_config("clip", steps=6)
     config.checkpoint_every = 2
     real_global_batch, calls = sharding.global_batch, []

@@ -19,6 +19,8 @@ def run_main(*args, env=None):
 
 
 def test_unknown_config_key_lists_the_valid_keys():
+    """A misspelt --config.optim.lrr on the command line: main exits non-zero naming the key
+    and listing the valid ones (lr, weight_decay)."""
     proc = run_main("--config=configs/clip.py:demo", "--config.optim.lrr=1", "--dry_run")
     assert proc.returncode != 0
     assert "unknown config key 'config.optim.lrr'" in proc.stderr
@@ -26,6 +28,8 @@ def test_unknown_config_key_lists_the_valid_keys():
 
 
 def test_unknown_variant_lists_the_valid_ones():
+    """A misspelt variant (lilt_lwaa): main exits non-zero naming it and listing the variants
+    and modifiers."""
     proc = run_main("--config=configs/lilt.py:lilt_lwaa", "--dry_run")
     assert proc.returncode != 0
     assert "unknown config argument 'lilt_lwaa'" in proc.stderr
@@ -33,6 +37,8 @@ def test_unknown_variant_lists_the_valid_ones():
 
 
 def test_unwritable_workdir_fails_before_any_compute(tmp_path, monkeypatch):
+    """A workdir under a regular file: the OSError names the path, and the model is never
+    built (build_model raises if called)."""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
 
@@ -44,6 +50,8 @@ def test_unwritable_workdir_fails_before_any_compute(tmp_path, monkeypatch):
 
 
 def test_real_checkpoints_offline_say_to_use_demo_or_a_local_path(tmp_path):
+    """The real LiLT recipe offline: the error names the hub id it could not fetch and points
+    to :demo or local directories."""
     proc = run_main("--config=configs/lilt.py", f"--workdir={tmp_path / 'run'}",
                     env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode != 0
@@ -52,6 +60,7 @@ def test_real_checkpoints_offline_say_to_use_demo_or_a_local_path(tmp_path):
 
 
 def test_pretrain_stage_config_must_exist(tmp_path):
+    """A CLIP-Refine run whose pretrain stage names a missing config file fails naming it."""
     config = tiny_config("clip_refine")
     config.pretrain = str(REPO / "configs/no_such_recipe.py:demo")
     with pytest.raises(FileNotFoundError, match="no_such_recipe.py"):
@@ -59,6 +68,8 @@ def test_pretrain_stage_config_must_exist(tmp_path):
 
 
 def test_a_workdir_holding_another_model_is_refused(tmp_path):
+    """Resuming a workdir with a different model (projection_dim) is refused naming the
+    field, rather than restoring mismatched arrays."""
     train.train_and_evaluate(tiny_config("clip", steps=1), tmp_path)
     other = tiny_config("clip", steps=1)
     other.model.projection_dim = 32
@@ -67,6 +78,7 @@ def test_a_workdir_holding_another_model_is_refused(tmp_path):
 
 
 def test_load_config_names_a_missing_file():
+    """load_config of a missing recipe file raises FileNotFoundError naming the file."""
     with pytest.raises(FileNotFoundError, match="nowhere.py"):
         run_setup.load_config("configs/nowhere.py:demo")
 
@@ -74,8 +86,6 @@ def test_load_config_names_a_missing_file():
 def test_a_bucket_url_workdir_is_refused_not_written_locally(tmp_path, monkeypatch):
     """`--workdir=gs://...` is refused before compute, naming the URL, and nothing appears
     under the current directory (pathlib would have made ./gs:/bucket/run)."""
-    from valign_jax import train
-    from train_helpers import tiny_config
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="gs://bucket/run"):
         train.train_and_evaluate(tiny_config("clip"), "gs://bucket/run")
