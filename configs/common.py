@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
         templates="auto",        # prompts: auto | single | clip80 | clip7 (evaluation/templates.py)
         class_names="",          # per zero-shot dataset, a file of class names (one per line)
         rerank_k=10,             # fusion models: re-rank the dual encoder's top k
+        rerank_score="itm+contrastive",  # ... by head + dual logit, or "itm" (evaluation/rerank.py)
         batch_size=256,
     ))
     c.model = ml_collections.ConfigDict(dict(

@@ -156,6 +156,41 @@ def test_a_fusion_run_resumes_and_evaluates_like_every_recipe(tmp_path):
     for key in ("retrieval/t2i_r1", "retrieval_reranked/t2i_r1", "retrieval_reranked/i2t_r5"):
         assert result["metrics"][key] == pytest.approx(final[key], abs=1e-6), key
     assert result["ln_shift"]["image"]["layers"] == [0, 1]
+    check_rerank_scores(tmp_path)
+
+
+def check_rerank_scores(workdir):
+    """Both re-ranking rules against reranked_recall fed with scores computed here: the match
+    head's logit alone, and plus exp(logit_scale) * cosine of the pair."""
+    from valign_jax import sharding
+    from valign_jax.evaluate import _from_workdir
+    from valign_jax.evaluation.build import make_evaluator
+    from valign_jax.run_setup import input_setup
+    model, params, _, config = _from_workdir(workdir, None, None)
+    mesh = sharding.make_mesh(1, 1)
+    param_sh = sharding.tree_shardings(params, mesh, config.mesh.min_fsdp_size)
+    image_size, collate = input_setup(config, model)
+    placed = sharding.put(params, param_sh)
+    scale = float(np.exp(params["logit_scale"]))
+    for rule, weight in (("itm", 0.0), ("itm+contrastive", scale)):
+        config.eval.rerank_score = rule
+        evaluator = make_evaluator(config, model, mesh, param_sh, collate,
+                                   image_size).evaluators[0]
+        got, img, txt = evaluator.run(placed)
+        _, itok = evaluator.encoder.image_tokens(placed, evaluator.pixel_values,
+                                                 evaluator.prepare)
+        _, ttok = evaluator.encoder.text_tokens(placed, evaluator.tokens)
+        mask = evaluator.tokens["attention_mask"]
+        unit_i = img / np.linalg.norm(img, axis=1, keepdims=True)
+        unit_t = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+
+        def t2i(q, g, weight=weight):
+            return (np.asarray(evaluator.encoder.match(placed, itok[g], ttok[q], mask[q]))
+                    + weight * np.einsum("pd,pd->p", unit_t[q], unit_i[g]))
+        want = reranked_recall(txt, img, evaluator.text_keys, evaluator.image_keys, t2i,
+                               config.eval.rerank_k)
+        for m in (1, 5):
+            assert got[f"retrieval_reranked/t2i_r{m}"] == pytest.approx(want[f"r{m}"]), rule
 
 
 def test_a_matching_loss_without_fusion_layers_is_named(tmp_path):

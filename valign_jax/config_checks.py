@@ -191,12 +191,13 @@ def _shown(value) -> str:
 def _choices() -> dict:
     """CHOICES plus the names the code itself defines (imported here: they live with the code)."""
     from valign_jax import losses, peft
+    from valign_jax.evaluation.rerank import RERANK_SCORES
     from valign_jax.models.config import DTYPES
     from valign_jax.models.layers import HEADS, REMAT_POLICIES
     return {**CHOICES, "model.logit_preset": tuple(losses.LOGIT_SCALE_PRESETS),
             "model.image_head": HEADS, "model.text_head": HEADS, "model.dtype": tuple(DTYPES),
             "model.remat": tuple(REMAT_POLICIES), "model.adapter_init": ("normal", "identity"),
-            "peft.recipe": tuple(peft.RECIPES)}
+            "peft.recipe": tuple(peft.RECIPES), "eval.rerank_score": RERANK_SCORES}
 
 
 def value_problems(config) -> list[str]:
@@ -267,6 +268,7 @@ def _delegated_problems(config) -> list[str]:
 def combination_problems(config, mode: str = "train") -> list[str]:
     """Names not among the choices were reported already: checks needing them are skipped."""
     from valign_jax import losses, peft
+    from valign_jax.evaluation.rerank import RERANK_SCORES
     problems = []
     objective, model = config.objective, config.model
     if objective.kind != "sigmoid":

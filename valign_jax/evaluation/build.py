@@ -45,7 +45,8 @@ def make_evaluator(config, model, mesh, param_sh, collate, image_size: int,
     if getattr(model, "fusion_layers", 0):  # a fusion model also re-ranks the top k
         from valign_jax.evaluation.rerank import RerankingEvaluator
         evaluators = [RerankingEvaluator(encoder, records, collate,
-                                         config.eval.get("rerank_k", 10))]
+                                         config.eval.get("rerank_k", 10),
+                                         config.eval.get("rerank_score", "itm+contrastive"))]
     else:
         evaluators = [RetrievalEvaluator(encoder, records, collate)]
     specs = split_list(config.eval.zeroshot)
