@@ -156,7 +156,7 @@ wait_until_active() {
 # editable with the TPU build of jax.
 install_package() {
   local pip_install fetch
-  pip_install="cd valign_jax && $(shell_words python3 -m pip install --quiet -e ".[tpu]")"
+  pip_install="cd valign_jax && $(shell_words python3 -m pip install --quiet -e ".[tpu,gcs]")"
   if [[ -n "$repo" ]]; then
     fetch="rm -rf valign_jax && $(shell_words git clone --quiet "$repo" valign_jax)"
     [[ -n "$ref" ]] && fetch+=" && $(shell_words git -C valign_jax checkout --quiet "$ref")"

@@ -101,7 +101,7 @@ def test_tpu_dry_run_creates_installs_and_starts_on_every_worker(fakes):
     assert "--worker=all" in only(commands, *tpu, "scp")
     install, start = [c for c in commands if c[:5] == tpu + ["ssh"]]
     assert contains_run(shlex.split(remote_of(install)),
-                        ["python3", "-m", "pip", "install", "--quiet", "-e", ".[tpu]"])
+                        ["python3", "-m", "pip", "install", "--quiet", "-e", ".[tpu,gcs]"])
     remote = shlex.split(remote_of(start))
     assert contains_run(remote, ["export", "VALIGN_MULTIHOST=1"])
     main = remote.index("valign_jax.main")
@@ -261,7 +261,7 @@ def test_tpu_install_copies_this_checkout_without_junk(fakes, tmp_path):
     assert copied == ["launch/.shellcheckrc", *sorted(f"launch/{p.name}" for p in SCRIPTS),
                       "setup.cfg", "valign_jax/__init__.py"]
     assert (tmp_path / "python3_calls").read_text().startswith(
-        f"python3 -m pip install --quiet -e .[tpu] (cwd {home / 'valign_jax'}")
+        f"python3 -m pip install --quiet -e .[tpu,gcs] (cwd {home / 'valign_jax'}")
     assert only(commands, "rm", "-f") == ["rm", "-f", scp[5]]
 
 
@@ -289,7 +289,7 @@ def test_tpu_install_from_a_git_ref(fakes, tmp_path):
     proc = run_on_fake_worker(remote_of(install), home, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (home / "valign_jax" / "version.txt").read_text() == "experiment\n"
-    assert "pip install --quiet -e .[tpu]" in (tmp_path / "python3_calls").read_text()
+    assert "pip install --quiet -e .[tpu,gcs]" in (tmp_path / "python3_calls").read_text()
 
 
 def test_slurm_dry_run_prints_sbatch_and_the_srun_it_runs(fakes):

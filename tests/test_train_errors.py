@@ -81,12 +81,3 @@ def test_load_config_names_a_missing_file():
     """load_config of a missing recipe file raises FileNotFoundError naming the file."""
     with pytest.raises(FileNotFoundError, match="nowhere.py"):
         run_setup.load_config("configs/nowhere.py:demo")
-
-
-def test_a_bucket_url_workdir_is_refused_not_written_locally(tmp_path, monkeypatch):
-    """`--workdir=gs://...` is refused before compute, naming the URL, and nothing appears
-    under the current directory (pathlib would have made ./gs:/bucket/run)."""
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="gs://bucket/run"):
-        train.train_and_evaluate(tiny_config("clip"), "gs://bucket/run")
-    assert list(tmp_path.iterdir()) == []

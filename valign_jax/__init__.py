@@ -16,14 +16,12 @@ def load_trained(workdir, step=None):
         img = model.apply({"params": params}, images, method=model.encode_image)
     """
     import json
-    from pathlib import Path
-
     import ml_collections
 
-    from valign_jax import checkpointing
+    from valign_jax import checkpointing, storage
     from valign_jax.models.build import from_description
 
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)  # a local path or a URL (gs://...)
     files = [workdir / checkpointing.MODEL_JSON, workdir / checkpointing.CONFIG_JSON]
     for f in files:
         if not f.is_file():

@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from valign_jax import storage
 
 CHECKPOINTS = "checkpoints"
 MODEL_JSON = "model.json"
@@ -49,7 +50,7 @@ class Checkpoints:
     input pipeline's orbax handler (grain's), when the iterator position is saved too."""
 
     def __init__(self, workdir, keep: int = 3, data_handler=None, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / CHECKPOINTS
+        self.directory = storage.path(workdir) / CHECKPOINTS
         handlers = {"state": ocp.StandardCheckpointHandler()}
         kill_step = sigkill_point("save")
         self._sigkill = (None if kill_step is None
@@ -204,7 +205,7 @@ def restore_params(workdir, step: int | None = None):
 
     Reads the parameters only: the optimizer state stays on disk.
     """
-    directory = Path(workdir).absolute() / CHECKPOINTS
+    directory = storage.path(workdir) / CHECKPOINTS
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints (is {workdir} a training workdir?)")
     # "data" (the iterator position) is registered so orbax knows the item, never read here.
@@ -237,7 +238,7 @@ def write_json(path, value) -> None:
     """Write JSON atomically (temp file + rename), from the first process only."""
     if jax.process_index() != 0:
         return
-    path = Path(path)
+    path = storage.path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
     tmp.replace(path)

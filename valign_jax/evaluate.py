@@ -35,7 +35,7 @@ FLAGS = flags.FLAGS
 def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_path=None,
              overrides: dict | None = None) -> dict:
     """Evaluate a run's checkpoint (or an HF CLIP); returns what it writes to `out`."""
-    from valign_jax import sharding
+    from valign_jax import sharding, storage
     from valign_jax.evaluation import ln_shift, plots
     from valign_jax.evaluation.build import make_evaluator
     from valign_jax.evaluation.evaluator import RetrievalEvaluator
@@ -45,8 +45,9 @@ def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_pa
         model, params, config = _from_hf(hf_path, config)
         step, source, cached = 0, str(hf_path), False
     elif workdir:
-        model, params, step, config = _from_workdir(Path(workdir), step, config)
-        source, cached = str(Path(workdir).absolute()), bool(config.data.get("feature_cache"))
+        workdir = storage.path(workdir)  # a local path or a URL (gs://...)
+        model, params, step, config = _from_workdir(workdir, step, config)
+        source, cached = str(workdir), bool(config.data.get("feature_cache"))
     else:
         raise ValueError("pass --workdir=DIR (a training run), or --hf=PATH_OR_ID with "
                          "--config=configs/<recipe>.py")
@@ -54,6 +55,9 @@ def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_pa
     if out is None:
         if not workdir:
             raise ValueError("--out=FILE.json is required with --hf and no --workdir")
+        if storage.is_url(workdir):  # the plots and TensorBoard files are written locally
+            raise ValueError(f"--workdir={workdir} is a URL: pass --out=FILE.json, a local "
+                             f"path for the metrics and plots")
         out = Path(workdir) / "eval" / f"step_{step}.json"
     out = Path(out).absolute()
 
@@ -100,7 +104,7 @@ def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_pa
     return result
 
 
-def _from_workdir(workdir: Path, step, config):
+def _from_workdir(workdir, step, config):
     """(model, params as host arrays, step, config) of a run's checkpoint."""
     from valign_jax import checkpointing
     from valign_jax.models.build import describe, from_description

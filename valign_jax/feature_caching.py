@@ -30,6 +30,10 @@ SPLITS = ("train", "eval")
 def cache_dir(config, split: str, workdir=None) -> Path:
     path = Path(config.data.feature_cache)
     if not path.is_absolute():
+        if workdir and "://" in str(workdir):  # the cache is memory-mapped: it must be local
+            raise ValueError(f"config.data.feature_cache={str(path)!r} is relative to the "
+                             f"workdir {workdir}, a URL; feature caches are memory-mapped "
+                             f"files: give an absolute local path")
         path = Path(workdir or ".").absolute() / path
     return path / split
 

@@ -84,8 +84,8 @@ def default_workdir(argv) -> str:
 
 def summary(workdir: str, metrics: dict) -> str:
     """What the run left behind and where: the last lines a user sees."""
-    from pathlib import Path
-    workdir = Path(workdir).absolute()
+    from valign_jax import storage
+    workdir = storage.path(workdir)
     shown = {k: round(v, 4) for k, v in metrics.items()
              if k.startswith(("retrieval/", "zeroshot/", "geometry/gap", "train/loss"))
              and not k.endswith(("r5", "top5", "per_dim"))}

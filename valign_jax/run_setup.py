@@ -11,27 +11,28 @@ import importlib.util
 import json
 import logging as std_logging
 import math
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
-from valign_jax import checkpointing, sharding
+from valign_jax import checkpointing, sharding, storage
 from valign_jax.models import build
 from valign_jax.models.registry import FeaturesConfig, overlay
 from valign_jax.train_step import clip_refine_objective, contrastive_objective, itm_objective
 
 
-def prepare_workdir(workdir) -> Path:
-    """The workdir, created and proven writable before any compute starts."""
+def prepare_workdir(workdir) -> epath.Path:
+    """The workdir (a local path or a URL: storage.py), created and proven writable before any
+    compute starts. Each process probes with its own file: on a pod every host must reach it."""
     if not workdir:
         raise ValueError("--workdir is required for a training run")
-    if "://" in str(workdir):  # pathlib would quietly write under ./gs:/... on each host
-        raise ValueError(f"--workdir={workdir}: URLs (gs://...) are not supported yet; use a "
-                         f"local or mounted path (on TPU VMs: gcsfuse the bucket)")
-    path = Path(workdir).absolute()
-    probe = path / ".write_test"
+    storage.check_client(workdir)
+    path = storage.path(workdir)
+    probe = path / f".write_test_{jax.process_index()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
@@ -81,7 +82,7 @@ def initial_params(config, model, param_sh):
     params = init(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
     with checkpoint_errors(config):
         source = config.model.init_from
-        if source and (Path(source) / checkpointing.MODEL_JSON).is_file():
+        if source and (storage.path(source) / checkpointing.MODEL_JSON).is_file():
             pretrained, step = checkpointing.restore_params(source)
             logging.info("initialising from %s (step %d)", source, step)
         elif source:
@@ -123,7 +124,7 @@ def make_objective(objective_cfg, mesh):
     return objective
 
 
-def write_run_files(workdir: Path, config, model) -> None:
+def write_run_files(workdir: epath.Path, config, model) -> None:
     """config.json and model.json; a workdir holding a different model is refused."""
     description = build.describe(model)
     model_file = workdir / checkpointing.MODEL_JSON
@@ -143,10 +144,11 @@ def write_run_files(workdir: Path, config, model) -> None:
 class MetricsLog:
     """clu writers (TensorBoard + log), progress reports and <workdir>/metrics.jsonl."""
 
-    def __init__(self, workdir: Path, config, total_steps: int):
+    def __init__(self, workdir: epath.Path, config, total_steps: int):
         from clu import metric_writers, periodic_actions
         primary = jax.process_index() == 0
-        self.writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
+        self.writer = metric_writers.create_default_writer(os.fspath(workdir),
+                                                           just_logging=not primary)
         self.writer.write_hparams(_scalar_hparams(config))
         self.report = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                                       writer=self.writer, every_secs=30)
@@ -172,8 +174,7 @@ class MetricsLog:
         metrics["data/skipped_examples"] = self._all_processes(self.skipped)
         self.writer.write_scalars(step, metrics)
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            storage.append_line(self.path, json.dumps({"step": step, **metrics}))
         self.last = {"step": step, **metrics}
 
     @staticmethod
@@ -188,7 +189,7 @@ class MetricsLog:
         self.writer.close()
 
 
-def _last_line(path: Path) -> dict:
+def _last_line(path: epath.Path) -> dict:
     """The last complete line of metrics.jsonl. A run killed mid-append leaves a cut line: it is
     dropped from the file (the resumed run writes that evaluation again)."""
     if not path.is_file():

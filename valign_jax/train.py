@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Callable
 
 import jax
@@ -223,7 +222,7 @@ def _check_finite(step: int, metrics: dict, checkpoints) -> None:
         f"config.on_nonfinite='skip' to drop such steps' updates and count them.")
 
 
-def _run_pretrain_stage(config, workdir: Path):
+def _run_pretrain_stage(config, workdir):
     """Train `config.pretrain` (a config string) into <workdir>/pretrain first, then start this
     run from its result: how the CLIP-Refine demo gets a pretrained CLIP offline."""
     stage_config = load_config(config.pretrain)
