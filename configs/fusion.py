@@ -28,7 +28,9 @@ def get_config(arg=None):
     c.objective.itm_weight = 1.0
     c.eval.rerank_k = 10
     if "demo" in modifiers:
-        common.demo_towers(c, image_image_size=48)  # three shapes, one per 16-px column
+        # three shapes, one per 16-px column; a 16-d joint space: the pooled vector is the
+        # bottleneck a re-ranker exists for (it cannot hold every scene's bindings apart)
+        common.demo_towers(c, image_image_size=48, projection_dim=16)
         c.model.fusion_heads = 4
         c.objective.itm_negatives = 4  # the head sees 8 hard pairs per example, not 2
         common.demo(c, steps=1000, lr=2e-3)

@@ -9,13 +9,13 @@ The score is called on (query index, gallery index) pairs, block by block of que
 
 What re-scores a pair (config.eval.rerank_score):
   "itm+contrastive"  the match head's logit plus the dual encoder's own logit for the pair,
-                     logit_scale * cosine (default). Each is the logit of its own loss, so the
-                     sum is a product of the two stages' odds: the head decides where the dual
+                     exp(logit_scale) * cosine (default). Each is the logit of its own loss, so the
+                     sum multiplies the two stages' odds: the head decides where the dual
                      encoder is unsure and cannot overturn it on a whim where it is sure (BLIP
-                     adds the similarity to the match score the same way). On the fusion demo
-                     it beat the plain ranking at every evaluation of every run measured.
-  "itm"              the match head's logit alone (ALBEF); on the demo it only draws level
-                     with the dual encoder late in training: see README, "Fusion re-ranker".
+                     adds the similarity to the match score the same way).
+  "itm"              the match head's logit alone (ALBEF). Better once the head has overtaken
+                     the dual encoder, which on the demo takes longer than the demo trains:
+                     README, "Fusion re-ranker", has the measurements.
 """
 
 from __future__ import annotations
