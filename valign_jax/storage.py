@@ -7,8 +7,8 @@ where every host must see one workdir).
 pathlib would turn gs://bucket/run into the local ./gs:/bucket/run on each host and write there
 without a word. etils.epath (what orbax writes checkpoints with) sends a URL to its storage's
 client (gs://: TensorFlow's GCS file system, installed with the package) and a local path to
-the OS, with pathlib's methods. Every file the training loop, `load_trained` and `evaluate` write or read in
-a workdir goes through here.
+the OS, with pathlib's methods. Every file the training loop, `load_trained` and `evaluate`
+write or read in a workdir goes through here.
 """
 
 from __future__ import annotations
