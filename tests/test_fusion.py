@@ -200,3 +200,12 @@ def test_a_matching_loss_without_fusion_layers_is_named(tmp_path):
     config.objective.itm_weight = 1.0
     with pytest.raises(ValueError, match="itm_weight > 0 needs .*model.fusion_layers"):
         train.train_and_evaluate(config, tmp_path)
+
+
+def test_the_run_summary_shows_the_reranked_recall():
+    """The last lines a fusion run prints hold retrieval_reranked/* beside retrieval/*."""
+    from valign_jax.main import summary
+    text = summary("/tmp/run", {"step": 7, "retrieval/t2i_r1": 0.5,
+                                "retrieval_reranked/t2i_r1": 0.625,
+                                "retrieval_reranked/t2i_r5": 1.0})
+    assert "'retrieval_reranked/t2i_r1': 0.625" in text and "t2i_r5" not in text

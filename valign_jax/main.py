@@ -87,7 +87,8 @@ def summary(workdir: str, metrics: dict) -> str:
     from valign_jax import storage
     workdir = storage.path(workdir)
     shown = {k: round(v, 4) for k, v in metrics.items()
-             if k.startswith(("retrieval/", "zeroshot/", "geometry/gap", "train/loss"))
+             if k.startswith(("retrieval/", "retrieval_reranked/", "zeroshot/", "geometry/gap",
+                              "train/loss"))
              and not k.endswith(("r5", "top5", "per_dim"))}
     lines = [f"finished at step {metrics.get('step')}: {shown}",
              f"  metrics (one JSON line per evaluation): {workdir / 'metrics.jsonl'}",
