@@ -23,8 +23,9 @@ import optax
 
 from valign_jax import optim, peft
 from valign_jax.models import DualEncoder
-from valign_jax.models.presets import preset
-from valign_jax.train_step import contrastive_objective, create_state, make_train_step
+from valign_jax.models.registry import preset
+from valign_jax.objectives import contrastive_objective
+from valign_jax.train_step import create_state, make_train_step
 
 
 class Settings(dict):

@@ -18,8 +18,8 @@ import numpy as np
 
 from benchmarks import common
 from valign_jax.models import DualEncoder, FeaturesConfig
-from valign_jax.models.presets import preset
-from valign_jax.train_step import contrastive_objective
+from valign_jax.models.registry import preset
+from valign_jax.objectives import sigmoid_objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ def _batches(sizes: SailSizes, end_to_end: DualEncoder):
 def measure(sizes: SailSizes, timing: tuple[int, int]) -> dict:
     end_to_end, cached = _models(sizes)
     raw, features = _batches(sizes, end_to_end)
-    objective = contrastive_objective("sigmoid", "pairs")
+    objective = sigmoid_objective("pairs")
     programs, rows = {}, {}
     for name, model, batch in (("cached", cached, features), ("end_to_end", end_to_end, raw)):
         pairs = len(next(iter(batch.values())))

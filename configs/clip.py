@@ -1,5 +1,5 @@
 """CLIP (Radford et al., 2021): both towers and both projections trained with the softmax
-contrastive loss and a learnable logit scale capped at 100 (METHODS.md §1).
+contrastive loss and a learnable logit scale capped at 100 (docs/methods.md §1).
 
     python -m valign_jax.main --config=configs/clip.py:demo --workdir=/tmp/clip_demo
 
@@ -8,30 +8,27 @@ Variants:
   pretrained_towers   DeiT-B/16 and BERT-base weights, every parameter trained
 Modifiers: `demo` (tiny towers, embedded data, offline); `fixed_scale` holds the logit scale at
 100, where OpenAI's CLIP ends its training — the CLIP-Refine demo pretrains this way so its
-model keeps a modality gap to close (METHODS.md §3).
+model keeps a modality gap to close (docs/methods.md §3).
 """
 
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from valign_jax import recipes
 
 VARIANTS = ("scratch", "pretrained_towers")
 
 
 def get_config(arg=None):
-    variant, modifiers = common.parse_arg(arg, VARIANTS, "scratch", "configs/clip.py",
+    variant, modifiers = recipes.parse_arg(arg, VARIANTS, "scratch", "configs/clip.py",
                                           modifiers=("demo", "fixed_scale"))
-    c = common.base_config()
+    c = recipes.base_config()
     c.variant = variant
     if variant == "scratch":
-        c.model.image = common.tower("clip_b16_vision")
-        c.model.text = common.tower("clip_b32_text", max_length=77)
+        c.model.image = recipes.tower("clip_b16_vision")
+        c.model.text = recipes.tower("clip_b32_text", max_length=77)
     else:
-        c.model.image = common.tower("vit_b16", "facebook/deit-base-patch16-224", pooling="cls")
-        c.model.text = common.tower("bert_base", "bert-base-uncased", pooling="cls",
+        c.model.image = recipes.tower("vit_b16", "facebook/deit-base-patch16-224", pooling="cls")
+        c.model.text = recipes.tower("bert_base", "bert-base-uncased", pooling="cls",
                                     max_length=64)
     c.model.projection_dim = 512
     c.model.logit_preset = "clip"
@@ -43,8 +40,8 @@ def get_config(arg=None):
     c.optim.update(name="adamw", lr=5e-4, warmup_init_lr=0.0, end_lr=0.0, warmup_steps=2000,
                    b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2)
     if "demo" in modifiers:
-        common.demo_towers(c)
-        common.demo(c, steps=500, lr=2e-3)
+        recipes.demo_towers(c)
+        recipes.demo(c, steps=500, lr=2e-3)
     if "fixed_scale" in modifiers:
         c.model.logit_scale_init = math.log(100.0)
         c.peft.overrides = ("^logit_scale$=frozen",)

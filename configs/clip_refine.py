@@ -1,6 +1,6 @@
 """CLIP-Refine (Yamaguchi et al., 2025): a short post-pre-training of a pretrained CLIP that
 closes its modality gap: RaFA pulls image and text features towards shared random references,
-HyCD distils the frozen initial model's similarities mixed with the identity (METHODS.md §3).
+HyCD distils the frozen initial model's similarities mixed with the identity (docs/methods.md §3).
 
     python -m valign_jax.main --config=configs/clip_refine.py:demo --workdir=/tmp/refine_demo
 
@@ -14,23 +14,21 @@ OpenAI's CLIP ends), in <workdir>/pretrain; that model keeps a modality gap, whi
 then closes.
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from valign_jax import recipes
 
 VARIANTS = ("official", "paper_rafa")
 CLIP_CONFIG = str(Path(__file__).parent / "clip.py")
 
 
 def get_config(arg=None):
-    variant, modifiers = common.parse_arg(arg, VARIANTS, "official", "configs/clip_refine.py")
-    c = common.base_config()
+    variant, modifiers = recipes.parse_arg(arg, VARIANTS, "official", "configs/clip_refine.py")
+    c = recipes.base_config()
     c.variant = variant
     checkpoint = "openai/clip-vit-base-patch32"
-    c.model.image = common.tower("clip_b32_vision", checkpoint)
-    c.model.text = common.tower("clip_b32_text", checkpoint, max_length=77)
+    c.model.image = recipes.tower("clip_b32_vision", checkpoint)
+    c.model.text = recipes.tower("clip_b32_text", checkpoint, max_length=77)
     c.model.init_from = checkpoint  # projections and logit scale too
     c.model.projection_dim = 512
     c.model.logit_preset = "clip"
@@ -42,9 +40,9 @@ def get_config(arg=None):
     c.optim.update(name="adamw", lr=1e-6, warmup_init_lr=1e-6, end_lr=1e-6, warmup_steps=0,
                    weight_decay=0.1)
     if "demo" in modifiers:
-        common.demo_towers(c)
+        recipes.demo_towers(c)
         c.model.init_from = ""
         c.pretrain = CLIP_CONFIG + ":demo,fixed_scale"
-        common.demo(c, steps=400, lr=3e-5)
+        recipes.demo(c, steps=400, lr=3e-5)
         c.optim.update(warmup_init_lr=3e-5, end_lr=3e-5, warmup_steps=0)  # constant, as above
     return c

@@ -1,4 +1,4 @@
-"""A dual encoder with cross-modal interaction layers (METHODS.md §6): CLIP's towers and
+"""A dual encoder with cross-modal interaction layers (docs/methods.md §6): CLIP's towers and
 contrastive loss, plus N layers in which the text tokens attend to the image tokens and an
 image–text-matching head, trained on in-batch hard negatives. Retrieval stays the dual
 encoder's dot product; the match head re-ranks its top k (`retrieval_reranked/...`).
@@ -11,29 +11,28 @@ Variants: `scratch` (CLIP ViT-B/16 + text transformer, from scratch; default) an
 which colour goes with which shape, and evaluates on swapped pairs: what pooled vectors miss.
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import clip  # noqa: E402
-import common  # noqa: E402
+from valign_jax import recipes
+
+CLIP_CONFIG = Path(__file__).parent / "clip.py"
 
 VARIANTS = ("scratch", "pretrained_towers")
 
 
 def get_config(arg=None):
-    variant, modifiers = common.parse_arg(arg, VARIANTS, "scratch", "configs/fusion.py")
-    c = clip.get_config(variant)
+    variant, modifiers = recipes.parse_arg(arg, VARIANTS, "scratch", "configs/fusion.py")
+    c = recipes.load_config(f"{CLIP_CONFIG}:{variant}")
     c.model.fusion_layers, c.model.fusion_heads = 2, 8
     c.objective.itm_weight = 1.0
     c.eval.rerank_k = 10
     if "demo" in modifiers:
         # three shapes, one per 16-px column; a 16-d joint space: the pooled vector is the
         # bottleneck a re-ranker exists for (it cannot hold every scene's bindings apart)
-        common.demo_towers(c, image_image_size=48, projection_dim=16)
+        recipes.demo_towers(c, image_image_size=48, projection_dim=16)
         c.model.fusion_heads = 4
         c.objective.itm_negatives = 4  # the head sees 8 hard pairs per example, not 2
-        common.demo(c, steps=1000, lr=2e-3)
+        recipes.demo(c, steps=1000, lr=2e-3)
         c.data.train = c.data.eval = "synthetic:relations"
         c.eval.zeroshot = ""
     return c

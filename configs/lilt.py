@@ -10,11 +10,7 @@ lit 56.01, lit_lwa 57.57, clip 100. Table 3: lilt_da 14.65M, lilt_lwa 14.67M, li
 clip 195.13M trainable. Projections are bias-free Linear(768 -> 256): Table 3's counts need it.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from valign_jax import recipes
 
 # variant: (peft recipe, adapters in (image, text) towers, deep-adapter layers in (image, text))
 ADAPTER = 192  # bottleneck = hidden / 4 for base towers
@@ -39,13 +35,13 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    variant, modifiers = common.parse_arg(arg, VARIANTS, "lilt_lwa", "configs/lilt.py")
+    variant, modifiers = recipes.parse_arg(arg, VARIANTS, "lilt_lwa", "configs/lilt.py")
     recipe, adapters, deep = VARIANTS[variant]
-    c = common.base_config()
+    c = recipes.base_config()
     c.variant = variant
-    c.model.image = common.tower("vit_b16", "facebook/deit-base-patch16-224", image_size=256,
+    c.model.image = recipes.tower("vit_b16", "facebook/deit-base-patch16-224", image_size=256,
                                  pooling="cls")
-    c.model.text = common.tower("bert_base", "princeton-nlp/unsup-simcse-bert-base-uncased",
+    c.model.text = recipes.tower("bert_base", "princeton-nlp/unsup-simcse-bert-base-uncased",
                                 pooling="cls", max_length=64)
     c.model.projection_dim = 256
     c.model.logit_preset = "lilt"
@@ -59,9 +55,9 @@ def get_config(arg=None):
     c.optim.update(name="adamw", lr=1e-4, warmup_init_lr=1e-5, end_lr=1e-5, warmup_steps=1000,
                    weight_decay=0.02)
     if "demo" in modifiers:
-        common.demo_towers(c, "vit_tiny", "bert_tiny", image_pooling="cls",
+        recipes.demo_towers(c, "vit_tiny", "bert_tiny", image_pooling="cls",
                            image_adapter_dim=adapters[0] and 16, image_deep_layers=deep[0],
                            text_pooling="cls", text_adapter_dim=adapters[1] and 16,
                            text_deep_layers=deep[1])
-        common.demo(c, steps=1000, lr=3e-3)
+        recipes.demo(c, steps=1000, lr=3e-3)
     return c

@@ -10,21 +10,17 @@ The demo locks a randomly initialised tiny image tower (no pretrained one exists
 the text side still learns to read what those random features encode.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from valign_jax import recipes
 
 VARIANTS = ("pretrained_text", "scratch_text")
 
 
 def get_config(arg=None):
-    variant, modifiers = common.parse_arg(arg, VARIANTS, "pretrained_text", "configs/lit.py")
-    c = common.base_config()
+    variant, modifiers = recipes.parse_arg(arg, VARIANTS, "pretrained_text", "configs/lit.py")
+    c = recipes.base_config()
     c.variant = variant
-    c.model.image = common.tower("vit_b16", "google/vit-base-patch16-224-in21k", pooling="cls")
-    c.model.text = common.tower(
+    c.model.image = recipes.tower("vit_b16", "google/vit-base-patch16-224-in21k", pooling="cls")
+    c.model.text = recipes.tower(
         "bert_base", "bert-base-uncased" if variant == "pretrained_text" else "",
         pooling="cls", max_length=64)
     c.model.projection_dim = 768
@@ -36,6 +32,6 @@ def get_config(arg=None):
     c.optim.update(name="adamw", lr=1e-3, warmup_init_lr=0.0, end_lr=0.0, warmup_steps=1000,
                    b1=0.9, b2=0.95, weight_decay=1e-4)
     if "demo" in modifiers:
-        common.demo_towers(c, "vit_tiny", "bert_tiny", image_pooling="cls", text_pooling="cls")
-        common.demo(c, steps=500, lr=2e-3)
+        recipes.demo_towers(c, "vit_tiny", "bert_tiny", image_pooling="cls", text_pooling="cls")
+        recipes.demo(c, steps=500, lr=2e-3)
     return c

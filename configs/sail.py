@@ -1,6 +1,6 @@
 """SAIL (Zhang et al., 2024): frozen pretrained towers, a GLU ("star") alignment layer per
 modality, the sigmoid loss over all pairs (/B²) with long captions as a second positive, and
-Lion (METHODS.md §4).
+Lion (docs/methods.md §4).
 
     python -m valign_jax.main --config=configs/sail.py:demo --workdir=/tmp/sail_demo
 
@@ -13,22 +13,19 @@ alignment layers hold optimizer state).
 """
 
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from valign_jax import recipes
 
 VARIANTS = ("dinov2_l_gte_l",)
 
 
 def get_config(arg=None):
-    variant, modifiers = common.parse_arg(arg, VARIANTS, "dinov2_l_gte_l", "configs/sail.py")
-    c = common.base_config()
+    variant, modifiers = recipes.parse_arg(arg, VARIANTS, "dinov2_l_gte_l", "configs/sail.py")
+    c = recipes.base_config()
     c.variant = variant
-    c.model.image = common.tower("dinov2_l14", "facebook/dinov2-large", pooling="cls_mean",
+    c.model.image = recipes.tower("dinov2_l14", "facebook/dinov2-large", pooling="cls_mean",
                                  image_size=224)
-    c.model.text = common.tower("bert_large", "thenlper/gte-large", pooling="mean",
+    c.model.text = recipes.tower("bert_large", "thenlper/gte-large", pooling="mean",
                                 max_length=77)
     c.model.projection_dim = 1024
     c.model.image_head = c.model.text_head = "glu"
@@ -45,9 +42,9 @@ def get_config(arg=None):
     if "demo" in modifiers:
         # Long captions need 35 tokens. The frozen tiny towers are random: the GLU layers learn
         # to align what random features of the shapes happen to encode.
-        common.demo_towers(c, "vit_tiny", "bert_tiny", image_pooling="cls_mean",
+        recipes.demo_towers(c, "vit_tiny", "bert_tiny", image_pooling="cls_mean",
                            text_pooling="mean", text_max_length=40)
-        common.demo(c, steps=1500, lr=1e-4)  # Lion: sign updates need a small lr
+        recipes.demo(c, steps=1500, lr=1e-4)  # Lion: sign updates need a small lr
         # b = -10 sits at the all-negatives equilibrium -log(B - 1) for SAIL's B = 32,768.
         # At B = 64 the equilibrium is -4.1; starting at -10, Lion moves b by only lr per
         # step, so the features collapse to raise every logit instead. Start at equilibrium.

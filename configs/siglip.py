@@ -1,5 +1,5 @@
 """SigLIP (Zhai et al., 2023): the pairwise sigmoid loss with a learnable scale and bias
-(t' = log 10, b = -10; sum over the B×B pairs / B), both towers trained (METHODS.md §2).
+(t' = log 10, b = -10; sum over the B×B pairs / B), both towers trained (docs/methods.md §2).
 
     python -m valign_jax.main --config=configs/siglip.py:demo --workdir=/tmp/siglip_demo
 
@@ -8,21 +8,17 @@ Variants:
   chunked    the same with the ring-chunked loss (large batches: no device holds all B×B logits)
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from valign_jax import recipes
 
 VARIANTS = ("b16", "chunked")
 
 
 def get_config(arg=None):
-    variant, modifiers = common.parse_arg(arg, VARIANTS, "b16", "configs/siglip.py")
-    c = common.base_config()
+    variant, modifiers = recipes.parse_arg(arg, VARIANTS, "b16", "configs/siglip.py")
+    c = recipes.base_config()
     c.variant = variant
-    c.model.image = common.tower("clip_b16_vision")
-    c.model.text = common.tower("clip_b32_text", max_length=64)
+    c.model.image = recipes.tower("clip_b16_vision")
+    c.model.text = recipes.tower("clip_b32_text", max_length=64)
     c.model.projection_dim = 768
     c.model.logit_preset = "siglip"
     c.objective.kind = "sigmoid"
@@ -34,6 +30,6 @@ def get_config(arg=None):
     c.optim.update(name="adamw", lr=1e-3, warmup_init_lr=0.0, end_lr=0.0, warmup_steps=2000,
                    b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4)
     if "demo" in modifiers:
-        common.demo_towers(c)
-        common.demo(c, steps=500, lr=2e-3)
+        recipes.demo_towers(c)
+        recipes.demo(c, steps=500, lr=2e-3)
     return c

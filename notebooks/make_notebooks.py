@@ -69,7 +69,7 @@ if not (REPO / "configs").is_dir():
                             f"of its repository (pip install -e .), which holds the recipes")'''
 
 OVERRIDE = '''\
-from valign_jax.run_setup import load_config
+from valign_jax.recipes import load_config
 
 
 def override(config, values: dict) -> list[str]:
@@ -180,7 +180,7 @@ The training loop's evaluation code embeds the images and prompts in batches
     ("code", '''\
 from valign_jax import sharding
 from valign_jax.evaluation import zeroshot
-from valign_jax.evaluation.evaluator import FeatureEncoder, eval_batch_size
+from valign_jax.batched import FeatureEncoder, eval_batch_size
 from valign_jax.evaluation.geometry import l2_normalize
 
 mesh = sharding.make_mesh()  # every local device takes a slice of each batch

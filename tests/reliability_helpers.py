@@ -12,7 +12,7 @@ import numpy as np
 from flax import traverse_util
 
 from valign_jax import sharding
-from valign_jax.run_setup import load_config
+from valign_jax.recipes import load_config
 
 from conftest import REPO
 
@@ -45,10 +45,12 @@ def child_env(**extra) -> dict:
 
 
 def run_main(workdir, sigkill_at: str = "", timeout: int = 300, **changes):
-    """Run the command to its end, or until the test hook VALIGN_TEST_SIGKILL_AT kills it."""
-    env = child_env(VALIGN_TEST_SIGKILL_AT=sigkill_at) if sigkill_at else child_env()
-    return subprocess.run(main_command(workdir, **changes), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """Run the command to its end, or until tests/kill_run.py kills it at `sigkill_at`."""
+    command = main_command(workdir, **changes)
+    if sigkill_at:  # the same flags, through the runner that kills at the point
+        command = [sys.executable, str(REPO / "tests" / "kill_run.py"), sigkill_at, *command[3:]]
+    return subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def read_metrics(workdir) -> list:

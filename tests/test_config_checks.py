@@ -10,9 +10,9 @@ import jax
 import ml_collections
 import pytest
 
-from valign_jax import feature_caching, train
+from valign_jax import frozen_towers, train
 from valign_jax.config_checks import ConfigError, check_config, find_problems
-from valign_jax.run_setup import load_config
+from valign_jax.recipes import load_config
 
 from conftest import REPO
 from test_train_errors import run_main
@@ -33,15 +33,13 @@ def test_every_recipe_and_variant_passes():
         sys.path.remove(str(REPO / "configs"))
 
 
-USER_CONFIG = f"""
-import sys
-sys.path.insert(0, {str(REPO / 'configs')!r})
-import common
+USER_CONFIG = """
+from valign_jax import recipes
 
 def get_config(arg=None):
-    c = common.base_config()
-    common.demo_towers(c)
-    common.demo(c, steps=10)
+    c = recipes.base_config()
+    recipes.demo_towers(c)
+    recipes.demo(c, steps=10)
     c.data.feature_cahce = "cache"        # typos a locked config would refuse on the command line
     c.model.image.adaptor_dim = 8
     c.optim.warmup_step = 5
@@ -51,7 +49,7 @@ def get_config(arg=None):
 
 
 def test_unknown_keys_in_a_user_config_file_are_named(tmp_path):
-    """Writes a config file of the user's own, built on configs/common.py with misspelt keys in
+    """Writes a config file of the user's own, built on valign_jax.recipes with misspelt keys in
     nested sections (data, model.image, optim) and at the top; checking it raises one
     ConfigError that names every key with the valid keys of its section and the likely
     intended one."""
@@ -86,7 +84,7 @@ def test_wrong_types_and_missing_keys_are_named():
         "config.objective.chunked: expected True or False, got int 1",
         "config.data.image_mean: expected 3 items, got 2",
         "config.model.logit_scale_init: expected a number, got str '4.6'",
-        "config.optim.b2: missing (configs/common.py's base_config() has every key with its "
+        "config.optim.b2: missing (valign_jax.schema.base_config() has every key with its "
         "default; build on it)"])
 
 
@@ -154,11 +152,9 @@ def test_a_bad_pretrain_stage_is_named_before_the_first_stage_runs(tmp_path):
     """Gives the CLIP-Refine demo a pretrain stage whose config file sets a negative batch
     size; asserts the error names config.pretrain and the stage's key."""
     (tmp_path / "stage.py").write_text(textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(REPO / 'configs')!r})
-        import clip
+        from valign_jax import recipes
         def get_config(arg=None):
-            c = clip.get_config("demo")
+            c = recipes.load_config({str(REPO / 'configs' / 'clip.py')!r} + ":demo")
             c.batch_size = -1
             return c
     """))
@@ -175,7 +171,7 @@ def test_train_and_evaluate_refuses_a_bad_config_before_any_compute(tmp_path, mo
     def forbidden(*args, **kwargs):
         raise AssertionError("compute started before the config was checked")
     for target, name in ((train, "build_model"), (train, "prepare_workdir"),
-                         (feature_caching, "cached_model"), (jax, "jit")):
+                         (frozen_towers, "cached_model"), (jax, "jit")):
         monkeypatch.setattr(target, name, forbidden)
     config = tiny_config("sail")
     config.data.feature_cache_dir = "cache"

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from valign_jax import train
-from valign_jax.run_setup import load_config
+from valign_jax.recipes import load_config
 
 from conftest import REPO
 

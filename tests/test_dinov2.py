@@ -17,8 +17,9 @@ from flax import traverse_util
 
 from valign_jax import hf, peft
 from valign_jax.models import DINOv2Config, DualEncoder
-from valign_jax.models.presets import preset
-from valign_jax.models.registry import abstract_params, dummy_inputs, tower_for
+from valign_jax.models.registry import preset
+from valign_jax.models.layout import abstract_params
+from valign_jax.models.registry import dummy_inputs, tower_for
 from tiny_hf import nchw, pixels
 
 TOL = 1e-5

@@ -4,7 +4,8 @@ hit, and that zero-shot averages its templates."""
 import numpy as np
 import pytest
 
-from valign_jax.evaluation.evaluator import Evaluators, RetrievalEvaluator, ZeroShotEvaluator
+from valign_jax.evaluation.evaluator import RetrievalEvaluator, ZeroShotEvaluator
+from valign_jax.evaluation.registry import Evaluators
 
 
 class Collate:
@@ -77,7 +78,7 @@ def test_rows_of_one_image_file_are_one_image_and_languages_are_scored_apart():
     # English captions are right; German ones are swapped (rot sits next to the blue image).
     texts = {"red": e[0], "blue": e[1], "rot": e[1], "blau": e[0]}
     evaluator = RetrievalEvaluator(LookupEncoder(images, texts), records, Collate())
-    assert len(evaluator.pixel_values) == 2 and evaluator.tokens["texts"] == [
+    assert len(evaluator.data.images) == 2 and evaluator.tokens["texts"] == [
         "red", "rot", "blue", "blau"]
     metrics = evaluator(None)
     assert metrics["retrieval/en/i2t_r1"] == metrics["retrieval/en/t2i_r1"] == 1.0

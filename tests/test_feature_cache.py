@@ -13,7 +13,7 @@ from valign_jax import sharding
 from valign_jax.data import feature_cache as fc
 from valign_jax.data import pipeline, synthetic
 from valign_jax.models.dual_encoder import DualEncoder
-from valign_jax.models.presets import preset
+from valign_jax.models.registry import preset
 
 N, SHARD, BATCH, MAX_CAPTIONS = 40, 16, 8, 4           # 3 shards: 16, 16, 8 rows
 MANIFEST = {"image": "vit_tiny", "text": "bert_tiny", "pooling": ["cls_mean", "mean"],

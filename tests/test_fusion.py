@@ -14,7 +14,8 @@ from valign_jax.data import synthetic
 from valign_jax.data.relations import SyntheticRelations
 from valign_jax.evaluation import retrieval
 from valign_jax.evaluation.rerank import reranked_recall
-from valign_jax.run_setup import build_model, load_config
+from valign_jax.recipes import load_config
+from valign_jax.run_setup import build_model
 
 from conftest import REPO
 
@@ -177,8 +178,8 @@ def check_rerank_scores(workdir):
         evaluator = make_evaluator(config, model, mesh, param_sh, collate,
                                    image_size).evaluators[0]
         got, img, txt = evaluator.run(placed)
-        _, itok = evaluator.encoder.image_tokens(placed, evaluator.pixel_values,
-                                                 evaluator.prepare)
+        _, itok = evaluator.encoder.image_tokens(placed, evaluator.data.images,
+                                                 evaluator.data.prepare)
         _, ttok = evaluator.encoder.text_tokens(placed, evaluator.tokens)
         mask = evaluator.tokens["attention_mask"]
         unit_i = img / np.linalg.norm(img, axis=1, keepdims=True)

@@ -11,8 +11,9 @@ from flax import traverse_util
 
 from valign_jax.evaluation import plots
 from valign_jax.evaluation.ln_shift import ln_shift, scalars
-from valign_jax.models.registry import stack_layers
-from valign_jax.run_setup import build_model, load_config
+from valign_jax.models.layout import stack_layers
+from valign_jax.recipes import load_config
+from valign_jax.run_setup import build_model
 
 TOWERS = {"image": "vision_model", "text": "text_model"}
 

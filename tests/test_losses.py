@@ -1,4 +1,4 @@
-"""valign_jax.losses against independent float64 NumPy references (METHODS.md §1–3)."""
+"""valign_jax.losses against independent float64 NumPy references (docs/methods.md §1–3)."""
 
 import math
 

@@ -17,9 +17,10 @@ from conftest import REPO
 from valign_jax import hf, optim, peft
 from valign_jax.main import dry_run
 from valign_jax.models import DualEncoder
-from valign_jax.models.presets import preset
-from valign_jax.models.registry import overlay
-from valign_jax.train_step import contrastive_objective, create_state, make_train_step
+from valign_jax.models.registry import preset
+from valign_jax.models.layout import overlay
+from valign_jax.objectives import contrastive_objective
+from valign_jax.train_step import create_state, make_train_step
 
 TABLE1 = {"frozen": 0.00, "ln_only": 0.04, "projection": 0.20, "lilt_ln": 0.24,
           "lilt_bitfit": 0.31, "lilt_da_noln": 6.96, "lilt_da": 6.99, "lilt_lwa_noln": 6.97,

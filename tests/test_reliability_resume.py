@@ -3,9 +3,9 @@
 
 The run is configs/clip.py:demo cut to 12 steps of 8 with a checkpoint every 4
 (reliability_helpers.RUN). The reference is the same run trained straight through in this
-process. The preempted one is the command a user reruns, `python -m valign_jax.main ...`, in a
-child process that the test hook VALIGN_TEST_SIGKILL_AT (valign_jax/checkpointing.py) kills with
-SIGKILL at an exact point: no cleanup runs, as with `kill -9` or a preempted TPU VM.
+process. The preempted one is the command a user reruns, the flags of `python -m
+valign_jax.main ...`, in a child process that tests/kill_run.py kills with SIGKILL at an exact
+point: no cleanup runs, as with `kill -9` or a preempted TPU VM.
 """
 
 import errno
@@ -175,7 +175,7 @@ def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
     reader returns the last complete line and removes the cut one, so the next append starts
     on a line of its own and every line parses."""
     import json
-    from valign_jax.run_setup import _last_line
+    from valign_jax.workdir import _last_line
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "a": 1.0}\n{"step": 4, "a": 2.0}\n{"step": 8, "a"')
     assert _last_line(path) == {"step": 4, "a": 2.0}

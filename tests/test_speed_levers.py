@@ -19,7 +19,7 @@ from benchmarks.common import ClipSizes, clip_batch
 from valign_jax import sharding, train
 from valign_jax.models import layers
 from valign_jax.models.config import TowerConfig
-from valign_jax.models.registry import scanned_layer_paths, stack_layers, unstack_layers
+from valign_jax.models.layout import scanned_layer_paths, stack_layers, unstack_layers
 from valign_jax.run_setup import build_model
 
 from train_helpers import tiny_config

@@ -15,7 +15,7 @@ import pytest
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
-from valign_jax import checkpointing, run_setup, storage
+from valign_jax import checkpointing, storage, workdir as run_workdir
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def fake_gcs(tmp_path, monkeypatch):
 
 
 def test_workdir_urls_reach_the_bucket(fake_gcs):
-    workdir = run_setup.prepare_workdir("gs://bucket/run")
+    workdir = run_workdir.prepare_workdir("gs://bucket/run")
     assert str(workdir) == "gs://bucket/run"
     assert (fake_gcs / "bucket/run").is_dir()
     assert not list((fake_gcs / "bucket/run").iterdir()), "the write probe was left behind"
@@ -76,7 +76,7 @@ def test_workdir_urls_reach_the_bucket(fake_gcs):
         storage.append_line(metrics, json.dumps({"step": step}))
     lines = (fake_gcs / "bucket/run/metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
-    assert run_setup._last_line(metrics) == {"step": 3}
+    assert run_workdir._last_line(metrics) == {"step": 3}
     assert sorted(p.name for p in (fake_gcs / "bucket/run").iterdir()) == [
         "config.json", "metrics.jsonl"]
 
@@ -85,17 +85,17 @@ def test_run_files_and_checkpoint_directory_on_a_bucket(fake_gcs):
     """write_run_files refuses a different model in a bucket workdir as in a local one, and
     orbax's checkpoint manager is handed the URL (it creates the directory through epath)."""
     from valign_jax.models.dual_encoder import DualEncoder
-    from valign_jax.models.registry import FeaturesConfig
+    from valign_jax.models import FeaturesConfig
 
     def model(dim):
         return DualEncoder(image_config=FeaturesConfig(dim, "image"),
                            text_config=FeaturesConfig(dim, "text"), projection_dim=4)
     config = ml_collections.ConfigDict({"seed": 0})
-    workdir = run_setup.prepare_workdir("gs://bucket/run")
-    run_setup.write_run_files(workdir, config, model(8))
+    workdir = run_workdir.prepare_workdir("gs://bucket/run")
+    run_workdir.write_run_files(workdir, config, model(8))
     assert (fake_gcs / "bucket/run/model.json").is_file()
     with pytest.raises(ValueError, match="gs://bucket/run holds a run of a different model"):
-        run_setup.write_run_files(workdir, config, model(16))
+        run_workdir.write_run_files(workdir, config, model(16))
 
     checkpoints = checkpointing.Checkpoints(workdir, async_save=False)
     assert str(checkpoints.directory) == "gs://bucket/run/checkpoints"
@@ -113,7 +113,7 @@ def test_local_paths_are_made_absolute_and_appended_in_place(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     workdir = storage.path("runs/a")
     assert str(workdir) == os.fspath(tmp_path / "runs/a")
-    run_setup.prepare_workdir("runs/a")
+    run_workdir.prepare_workdir("runs/a")
     storage.append_line(workdir / "m.jsonl", "1")
     storage.append_line(workdir / "m.jsonl", "2")
     assert (tmp_path / "runs/a/m.jsonl").read_text() == "1\n2\n"
@@ -123,14 +123,14 @@ def test_a_gs_workdir_without_the_storage_client_is_refused_first(tmp_path, monk
     monkeypatch.setattr(storage, "_importable", lambda module: False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ImportError, match=r"--workdir=gs://bucket/run: .*\.\[gcs\]"):
-        run_setup.prepare_workdir("gs://bucket/run")
+        run_workdir.prepare_workdir("gs://bucket/run")
     assert not list(tmp_path.iterdir())
 
 
 def test_relative_feature_cache_in_a_url_workdir_is_refused():
-    from valign_jax import feature_caching
+    from valign_jax import frozen_towers
     config = ml_collections.ConfigDict({"data": {"feature_cache": "features"}})
     with pytest.raises(ValueError, match="feature_cache='features'.*memory-mapped"):
-        feature_caching.cache_dir(config, "train", "gs://bucket/run")
-    assert str(feature_caching.cache_dir(config, "train", "/tmp/run")) == "/tmp/run/features/train"
+        frozen_towers.cache_dir(config, "train", "gs://bucket/run")
+    assert str(frozen_towers.cache_dir(config, "train", "/tmp/run")) == "/tmp/run/features/train"
 

@@ -54,7 +54,7 @@ def test_remat_gives_the_same_gradients(torch_fixture):
             return jnp.sum(out["image"] @ out["text"].T) * out["logit_scale"]
         g = jax.jit(jax.grad(loss))(params)
         if scan:  # compare in the unrolled layout
-            from valign_jax.models.registry import scanned_layer_paths, unstack_layers
+            from valign_jax.models.layout import scanned_layer_paths, unstack_layers
             g = unstack_layers(g, scanned_layer_paths(model))
         grads[remat] = g
     for key in ("full", "dots"):

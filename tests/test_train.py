@@ -9,9 +9,10 @@ import pytest
 from flax import traverse_util
 
 import valign_jax
-from valign_jax import feature_caching, peft, sharding, train
-from valign_jax.models.registry import abstract_params
-from valign_jax.run_setup import build_model, initial_params, load_config
+from valign_jax import frozen_towers, peft, sharding, train
+from valign_jax.models.layout import abstract_params
+from valign_jax.recipes import load_config
+from valign_jax.run_setup import build_model, initial_params
 
 from train_helpers import RECIPES, shrink, tiny_config
 
@@ -32,7 +33,7 @@ def starting_params(config, workdir):
     """The parameters the run started from, rebuilt independently of the loop."""
     if config.pretrain:  # clip_refine:demo starts from its pretraining stage's result
         return valign_jax.load_trained(workdir / "pretrain")[1]
-    model = (feature_caching.cached_model(config, workdir) if config.data.feature_cache
+    model = (frozen_towers.cached_model(config, workdir) if config.data.feature_cache
              else build_model(config))
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     shardings = sharding.tree_shardings(abstract_params(model, **model.dummy_inputs()), mesh)

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 import valign_jax
-from valign_jax import feature_caching, train
+from valign_jax import frozen_towers, train
 from valign_jax.data import synthetic
-from valign_jax.models.registry import FeaturesConfig
+from valign_jax.models import FeaturesConfig
 
 from train_helpers import tiny_config
 
@@ -64,7 +64,7 @@ def test_sail_trains_from_the_feature_cache_without_towers(tmp_path):
     assert "vision_model" not in params and "text_model" not in params  # no tower weights
 
     # A shared cache (absolute path) made under another config is refused, never overwritten.
-    feature_caching.cache_all(config, tmp_path / "elsewhere")
+    frozen_towers.cache_all(config, tmp_path / "elsewhere")
     config.data.feature_cache = str(tmp_path / "elsewhere/feature_cache")
     config.model.text.max_length = 20
     with pytest.raises(ValueError, match="max_length: cache has 40, config says 20"):

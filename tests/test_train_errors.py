@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from valign_jax import run_setup, train
+from valign_jax import recipes, train
 
 from conftest import REPO
 from train_helpers import tiny_config
@@ -80,4 +80,4 @@ def test_a_workdir_holding_another_model_is_refused(tmp_path):
 def test_load_config_names_a_missing_file():
     """load_config of a missing recipe file raises FileNotFoundError naming the file."""
     with pytest.raises(FileNotFoundError, match="nowhere.py"):
-        run_setup.load_config("configs/nowhere.py:demo")
+        recipes.load_config("configs/nowhere.py:demo")

@@ -9,8 +9,9 @@ import numpy as np
 
 from valign_jax import losses, optim, peft
 from valign_jax.models import DualEncoder
-from valign_jax.models.presets import preset
-from valign_jax.train_step import clip_refine_objective, create_state, make_train_step
+from valign_jax.models.registry import preset
+from valign_jax.objectives import clip_refine_objective
+from valign_jax.train_step import create_state, make_train_step
 
 OPTIM = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, warmup_init_lr=1e-3, end_lr=1e-3,
                                        warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,

@@ -1,6 +1,6 @@
 """Shared by the training-system tests: demo configs shrunk to a few tiny steps."""
 
-from valign_jax.run_setup import load_config
+from valign_jax.recipes import load_config
 
 from conftest import REPO
 

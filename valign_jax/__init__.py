@@ -15,19 +15,6 @@ def load_trained(workdir, step=None):
         model, params, config = valign_jax.load_trained("/tmp/clip_demo")
         img = model.apply({"params": params}, images, method=model.encode_image)
     """
-    import json
-    import ml_collections
-
-    from valign_jax import checkpointing, storage
-    from valign_jax.models.build import from_description
-
-    workdir = storage.path(workdir)  # a local path or a URL (gs://...)
-    files = [workdir / checkpointing.MODEL_JSON, workdir / checkpointing.CONFIG_JSON]
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: {workdir} is not a valign_jax training "
-                                    f"workdir (python -m valign_jax.main ... --workdir=DIR)")
-    model = from_description(json.loads(files[0].read_text()), source=str(files[0]))
-    config = ml_collections.ConfigDict(json.loads(files[1].read_text()))
-    params, _ = checkpointing.restore_params(workdir, step)
+    from valign_jax.workdir import load_run
+    model, params, _, config = load_run(workdir, step)
     return model, params, config

@@ -12,19 +12,11 @@ mid-save leaves the previous checkpoint as the latest; the next run deletes the 
 directory. Only the last `keep` checkpoints are kept, and older ones are deleted only after a
 newer one is complete. A save that fails (disk full, directory made unwritable) stops the run
 with a `CheckpointWriteError` naming the step and the checkpoint that is still intact.
-
-TEST HOOK. The reliability tests SIGKILL a run at exact points (tests/test_reliability_resume.py)
-through the environment variable VALIGN_TEST_SIGKILL_AT, inert when unset:
-  step:<N>   after training step N, once every checkpoint started so far is on disk
-  save:<N>   while checkpoint N is being written: from orbax's background thread, after the
-             arrays are written and before the directory is committed
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import jax
 import numpy as np
@@ -38,9 +30,6 @@ MODEL_JSON = "model.json"
 CONFIG_JSON = "config.json"
 
 
-SIGKILL_ENV = "VALIGN_TEST_SIGKILL_AT"
-
-
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the message names the step and what is still intact."""
 
@@ -52,9 +41,6 @@ class Checkpoints:
     def __init__(self, workdir, keep: int = 3, data_handler=None, async_save: bool = True):
         self.directory = storage.path(workdir) / CHECKPOINTS
         handlers = {"state": ocp.StandardCheckpointHandler()}
-        kill_step = sigkill_point("save")
-        self._sigkill = (None if kill_step is None
-                         else _SigkillDuringWrite(handlers["state"], kill_step))
         if data_handler is not None:
             handlers["data"] = data_handler
         # cleanup_tmp_directories: a killed run's half-written checkpoint (as big as a whole
@@ -81,8 +67,6 @@ class Checkpoints:
         items = {"state": ocp.args.StandardSave(state)}
         if data_args is not None:
             items["data"] = data_args
-        if self._sigkill is not None:
-            self._sigkill.armed = step == self._sigkill.step
         self._writing = step
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -150,54 +134,6 @@ def _root_os_error(err: BaseException) -> OSError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
-
-
-def sigkill_point(kind: str) -> int | None:
-    """TEST HOOK: N if VALIGN_TEST_SIGKILL_AT is `<kind>:N` (see the module docstring)."""
-    value = os.environ.get(SIGKILL_ENV, "")
-    if not value:
-        return None
-    where, _, step = value.partition(":")
-    if where not in ("step", "save") or not step.isdigit():
-        raise ValueError(f"{SIGKILL_ENV}={value!r}: expected 'step:<N>' or 'save:<N>' (a test "
-                         f"hook; unset it for real runs)")
-    return int(step) if where == kind else None
-
-
-def sigkill_self() -> None:
-    """TEST HOOK: end this process as `kill -9` would: no cleanup, no finally blocks."""
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _SigkillDuringWrite:
-    """TEST HOOK (VALIGN_TEST_SIGKILL_AT=save:<step>): wraps the state handler's async_save so
-    that, for checkpoint <step>, orbax's background thread is handed a future that waits for
-    the array writes and then SIGKILLs the process, before orbax commits the directory."""
-
-    def __init__(self, handler, step: int):
-        self.step, self.armed = step, False
-        self._async_save = handler.async_save
-        handler.async_save = self.async_save  # the instance only; orbax still sees its class
-
-    async def async_save(self, *args, **kwargs):
-        futures = await self._async_save(*args, **kwargs)
-        return [_SigkillWhenAwaited(futures or [])] if self.armed else futures
-
-
-class _SigkillWhenAwaited:
-    """An orbax commit future: waits for `futures`, then kills the process."""
-
-    def __init__(self, futures):
-        self.futures = futures
-
-    def result(self, timeout=None):
-        for f in self.futures:
-            f.result(timeout=timeout)
-        sigkill_self()
-
-    def cancel(self):
-        for f in self.futures:
-            f.cancel()
 
 
 def restore_params(workdir, step: int | None = None):

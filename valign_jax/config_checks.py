@@ -5,9 +5,9 @@ reported at once.
     from valign_jax.config_checks import check_config
     check_config(config)        # ConfigError: "config.data.feature_cahce: unknown key; did you ..."
 
-Keys and types are those of `base_config()` in configs/common.py, the defaults every recipe builds
-on: a key added there is known here, with no second list to keep in step. Beyond those, a recipe
-may set `variant` (its variant name) and `data.augment` (transforms.TrainTransform fields).
+Keys, types, allowed values and ranges are the schema's (valign_jax/schema.py): a key added
+there is known here. Each objective and evaluator checks its own options (their registries);
+this module checks what concerns the run as a whole.
 
 main.py checks a config before a dry run (devices=False: it describes the model, not this
 machine) and before caching features; train.train_and_evaluate checks it first thing, so a bad
@@ -18,44 +18,12 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib.util
-import logging
+import math
 import numbers
 from pathlib import Path
 
-REFERENCE_FILE = Path(__file__).resolve().parent.parent / "configs" / "common.py"
-OPTIONAL = {"variant": str, "data.augment": dict}   # keys a config may add to the reference
-ALSO_ACCEPTED = {"eval.templates": (list, tuple)}   # a template set's name, or the templates
-
-# key: (lowest, highest) allowed, both inclusive; None: unbounded on that side
-RANGES = {
-    "batch_size": (1, None), "total_steps": (0, None), "log_every": (1, None),
-    "eval_every": (1, None), "checkpoint_every": (1, None), "keep_checkpoints": (1, None),
-    "mesh.min_fsdp_size": (1, None), "objective.itm_weight": (0, None),
-    "objective.itm_negatives": (1, None),
-    "objective.clip_refine.alpha": (0, 1),
-    "data.num_train": (1, None), "data.num_eval": (1, None), "data.threads": (0, None),
-    "data.workers": (0, None),
-    "eval.zeroshot_limit": (0, None), "eval.rerank_k": (1, None), "eval.batch_size": (1, None),
-    "model.projection_dim": (1, None), "model.fusion_layers": (0, None),
-    "model.fusion_heads": (1, None), "model.fusion_width": (0, None),
-    **{f"model.{side}.{key}": (0, None) for side in ("image", "text")
-       for key in ("adapter_dim", "deep_layers", "image_size")},
-    "model.text.max_length": (2, None),
-    **{f"optim.{key}": (0, None) for key in ("lr", "warmup_init_lr", "end_lr", "warmup_steps",
-                                             "weight_decay", "grad_clip_norm")},
-}
-POSITIVE = ("objective.clip_refine.prior_std", "objective.clip_refine.temperature", "optim.eps")
-BELOW_ONE = ("optim.warmup_fraction", "optim.b1", "optim.b2")   # in [0, 1)
-CHOICES = {
-    "objective.kind": ("softmax", "sigmoid", "clip_refine"),
-    "objective.norm": ("batch", "pairs"),
-    "objective.clip_refine.rafa_form": ("official", "paper"),
-    "objective.clip_refine.hycd_features": ("raw", "normalized"),
-    "optim.name": ("adamw", "lion", "sgd"),
-    "on_nonfinite": ("stop", "skip"),    # train._train_loop: stop naming the step, or skip it
-}
-SIGMOID_ONLY = {"norm": "batch", "multi_positive": False, "chunked": False}  # and their defaults
+from valign_jax import schema
+from valign_jax.schema import EVAL_ENTRY, OPTIONAL, SCHEMA, Key
 
 
 class ConfigError(ValueError):
@@ -76,10 +44,7 @@ def check_config(config, *, devices=True, mode: str = "train") -> None:
 def find_problems(config, *, devices=True, mode: str = "train", _seen=()) -> list[str]:
     """check_config's problems as a list of messages (empty: the config can run)."""
     unknown, broken = [], []
-    if reference() is not None:
-        structure_problems(config, reference(), "config", unknown, broken)
-    else:
-        logging.warning("%s not found: config keys and types are not checked", REFERENCE_FILE)
+    structure_problems(config, unknown, broken)
     if broken:  # the value checks below read keys that are missing or mistyped
         return unknown + broken
     problems = unknown + value_problems(config) + combination_problems(config, mode)
@@ -87,7 +52,7 @@ def find_problems(config, *, devices=True, mode: str = "train", _seen=()) -> lis
         problems += device_problems(config, devices)
     spec = config.get("pretrain", "")
     if spec and not problems and spec not in _seen:
-        from valign_jax.run_setup import load_config  # FileNotFoundError names a missing file
+        from valign_jax.recipes import load_config  # FileNotFoundError names a missing file
         try:
             stage = find_problems(load_config(spec), devices=devices, _seen=(*_seen, spec))
         except ValueError as err:  # e.g. an unknown config argument
@@ -96,64 +61,115 @@ def find_problems(config, *, devices=True, mode: str = "train", _seen=()) -> lis
     return problems
 
 
-@functools.cache
-def reference():
-    """configs/common.py's base_config(); None where the package runs without its configs/."""
-    if not REFERENCE_FILE.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("valign_configs_common", REFERENCE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.base_config()
-
-
 def get(config, dotted: str):
     return functools.reduce(lambda node, key: node[key], dotted.split("."), config)
 
 
 # ---------------------------------------------------------------------------------------------
-# Keys and types, against the reference
+# Keys and types, against the schema
 
 
 def _is_section(value) -> bool:
     return hasattr(value, "keys") and hasattr(value, "__getitem__")
 
 
-def structure_problems(config, ref, path: str, unknown: list, broken: list) -> None:
-    """Unknown keys of `config` (a section at `path`) into `unknown`, missing and mistyped ones
-    into `broken`, against the reference section `ref`."""
-    for key in config.keys():
-        where, value = f"{path}.{key}", config[key]
-        dotted = where.split(".", 1)[1]
-        if key not in ref:
+def _sections(keys) -> dict[str, set]:
+    """{section path: its key names} of dotted keys ("" is the top level)."""
+    out: dict[str, set] = {}
+    for dotted in keys:
+        parts = dotted.split(".")
+        for i, name in enumerate(parts):
+            out.setdefault(".".join(parts[:i]), set()).add(name)
+    return out
+
+
+def structure_problems(config, unknown: list, broken: list) -> None:
+    """Unknown keys into `unknown`, missing and mistyped ones into `broken`."""
+    keys = {**SCHEMA, **schema.objective_options()}
+    _walk(config, "", keys, _sections(keys), unknown, broken)
+    evals = config.get("evals")
+    if evals is None:
+        broken.append("config.evals: missing (valign_jax.schema.base_config() has every key "
+                      "with its default; build on it)")
+    elif not _is_section(evals):
+        broken.append(f"config.evals: expected a section of evaluator entries, got "
+                      f"{_shown(evals)}")
+    else:
+        for name in evals.keys():
+            _eval_entry_problems(name, evals[name], unknown, broken)
+
+
+def _walk(node, path: str, keys: dict, sections: dict, unknown: list, broken: list) -> None:
+    known = sections.get(path, set())
+    where = lambda key: f"config.{path + '.' if path else ''}{key}"
+    for key in node.keys():
+        dotted = f"{path}.{key}" if path else key
+        value = node[key]
+        if dotted == "evals":
+            continue  # entries checked against the evaluator registry
+        if key not in known:
             if dotted in OPTIONAL:
-                expected = OPTIONAL[dotted]
-                if not (_is_section(value) if expected is dict else isinstance(value, expected)):
-                    broken.append(f"{where}: expected {_name(expected)}, got {_shown(value)}")
+                if not _is_section(value):
+                    broken.append(f"{where(key)}: expected a section of keys, got "
+                                  f"{_shown(value)}")
                 continue
-            close = difflib.get_close_matches(str(key), list(ref.keys()), n=1)
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            unknown.append(f"{where}: unknown key{hint} (valid keys of {path}: "
-                           f"{sorted(ref.keys())})")
-        elif _is_section(ref[key]):
+            unknown.append(f"{where(key)}: unknown key{hint} (valid keys of "
+                           f"config{'.' + path if path else ''}: {sorted(known)})")
+        elif dotted in sections:
             if _is_section(value):
-                structure_problems(value, ref[key], where, unknown, broken)
+                _walk(value, dotted, keys, sections, unknown, broken)
             else:
-                broken.append(f"{where}: expected a section of keys, got {_shown(value)}")
+                broken.append(f"{where(key)}: expected a section of keys, got {_shown(value)}")
         else:
-            problem = _type_problem(value, ref.get_type(key), ref[key], ALSO_ACCEPTED.get(dotted))
+            problem = type_problem(value, keys[dotted])
             if problem:
-                broken.append(f"{where}: {problem}")
-    broken += [f"{path}.{key}: missing (configs/common.py's base_config() has every key with "
-               f"its default; build on it)" for key in ref.keys() if key not in config]
+                broken.append(f"{where(key)}: {problem}")
+    required = [k for k in sorted(known) if f"{path}.{k}".lstrip(".") in SCHEMA
+                or f"{path}.{k}".lstrip(".") in sections]  # registered options are optional
+    broken += [f"{where(key)}: missing (valign_jax.schema.base_config() has every key with its "
+               f"default; build on it)" for key in required if key not in node.keys()]
 
 
-def _type_problem(value, expected: type, default, also=None) -> str | None:
-    """Why `value` cannot stand where the reference holds `default` of type `expected`."""
-    if also and isinstance(value, also):
+def _eval_entry_problems(name, entry, unknown: list, broken: list) -> None:
+    from valign_jax.evaluation import registry
+    where = f"config.evals.{name}"
+    if not _is_section(entry):
+        broken.append(f"{where}: expected a section (type, every, data, options), got "
+                      f"{_shown(entry)}")
+        return
+    kind = entry.get("type")
+    try:
+        options = registry.evaluator_type(str(kind)).options
+    except ValueError as err:
+        broken.append(f"{where}.type: {err}")
+        return
+    keys = {**EVAL_ENTRY, **{k: Key(v, "") for k, v in options.items()}}
+    for key in entry.keys():
+        if key not in keys:
+            close = difflib.get_close_matches(str(key), sorted(keys), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            unknown.append(f"{where}.{key}: unknown key{hint} (an evaluator of type {kind!r} "
+                           f"has {sorted(keys)})")
+        else:
+            problem = type_problem(entry[key], keys[key])
+            if problem:
+                broken.append(f"{where}.{key}: {problem}")
+    broken += [f"{where}.{key}: missing (build entries with schema.eval_entry)"
+               for key in EVAL_ENTRY if key not in entry]
+
+
+def type_problem(value, key: Key) -> str | None:
+    """Why `value` cannot be the value of `key`."""
+    if key.also and isinstance(value, key.also):
         return None
-    if value is None:  # only placeholders (reference None) may be None
-        return None if default is None else f"expected {_name(expected)}, got None"
+    if value is None:  # only placeholders may be None
+        return None if key.placeholder else f"expected {_name(key.type)}, got None"
+    return _value_type_problem(value, key.type, key.default)
+
+
+def _value_type_problem(value, expected: type, default) -> str | None:
     if isinstance(value, bool) or expected is bool:
         ok = isinstance(value, bool) and expected is bool
     elif expected is int:
@@ -166,7 +182,7 @@ def _type_problem(value, expected: type, default, also=None) -> str | None:
         if default and len(value) != len(default):  # fixed-length vectors: mean, std, weights
             return f"expected {len(default)} items, got {len(value)}"
         for item, item_default in zip(value, default or ()):
-            problem = _type_problem(item, type(item_default), item_default)
+            problem = _value_type_problem(item, type(item_default), item_default)
             if problem:
                 return f"item {item!r}: {problem}"
         return None
@@ -188,55 +204,58 @@ def _shown(value) -> str:
 # Values, one key at a time
 
 
-def _choices() -> dict:
-    """CHOICES plus the names the code itself defines (imported here: they live with the code)."""
-    from valign_jax import losses, peft
-    from valign_jax.evaluation.rerank import RERANK_SCORES
-    from valign_jax.models.config import DTYPES
-    from valign_jax.models.layers import HEADS, REMAT_POLICIES
-    return {**CHOICES, "model.logit_preset": tuple(losses.LOGIT_SCALE_PRESETS),
-            "model.image_head": HEADS, "model.text_head": HEADS, "model.dtype": tuple(DTYPES),
-            "model.remat": tuple(REMAT_POLICIES), "model.adapter_init": ("normal", "identity"),
-            "peft.recipe": tuple(peft.RECIPES), "eval.rerank_score": RERANK_SCORES}
+def _bounds_problem(value, key: Key) -> str | None:
+    if value in key.special or not isinstance(value, numbers.Real):
+        return None
+    if not math.isfinite(value):
+        return "must be a finite number"
+    low_open, high_open = key.open in ("low", "both"), key.open in ("high", "both")
+    too_low = key.low is not None and (value <= key.low if low_open else value < key.low)
+    too_high = key.high is not None and (value >= key.high if high_open else value > key.high)
+    if not (too_low or too_high):
+        return None
+    if key.high is None:
+        bound = f"> {key.low}" if low_open else f">= {key.low}"
+        return f"must be {bound}" + (f", or {' or '.join(map(str, key.special))}"
+                                      if key.special else "")
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    return f"must be in {left}{key.low}, {key.high}{right}"
 
 
 def value_problems(config) -> list[str]:
     problems = []
-    for key, (low, high) in RANGES.items():
-        value = get(config, key)
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-            problems.append(f"config.{key}={value!r}: must be {bounds}")
-    problems += [f"config.{key}={get(config, key)!r}: must be > 0" for key in POSITIVE
-                 if get(config, key) <= 0]
-    problems += [f"config.{key}={get(config, key)!r}: must be in [0, 1)" for key in BELOW_ONE
-                 if not 0 <= get(config, key) < 1]
+    for dotted, key in SCHEMA.items():
+        value = get(config, dotted)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"config.{dotted}={value!r}: must be a finite number")
+            continue
+        bounds = _bounds_problem(value, key)
+        if bounds:
+            problems.append(f"config.{dotted}={value!r}: {bounds}")
+        allowed = key.allowed()
+        if allowed is not None and value not in allowed:
+            problems.append(f"config.{dotted}={value!r}: expected one of {sorted(allowed)}")
+        if isinstance(value, (tuple, list)) and any(
+                isinstance(v, float) and not math.isfinite(v) for v in value):
+            problems.append(f"config.{dotted}={tuple(value)}: every item must be finite")
     if not config.total_steps and config.num_epochs <= 0:
         problems.append(f"config.num_epochs={config.num_epochs!r}: must be > 0 (or set "
                         f"config.total_steps > 0)")
-    for key in ("mesh.data", "mesh.fsdp"):
-        if get(config, key) < 1 and get(config, key) != -1:
-            problems.append(f"config.{key}={get(config, key)!r}: must be >= 1, or -1 (the "
-                            f"remaining devices)")
-    for key, allowed in _choices().items():
-        if get(config, key) not in allowed:
-            problems.append(f"config.{key}={get(config, key)!r}: expected one of "
-                            f"{sorted(allowed)}")
     if any(s <= 0 for s in config.data.image_std):
         problems.append(f"config.data.image_std={tuple(config.data.image_std)}: must be > 0")
     for key in ("data.train", "data.eval"):
         if not get(config, key).strip():
             problems.append(f"config.{key} is empty: name a data source (e.g. "
                             f"'synthetic:shapes', a pairs.jsonl, 'tfds:coco_captions/test')")
-    problems += _delegated_problems(config)
-    return problems
+    return problems + _delegated_problems(config)
 
 
 def _delegated_problems(config) -> list[str]:
     """Checks the code already makes where it uses a value, run now with the key named."""
-    from valign_jax import peft
+    from valign_jax import build, peft
     from valign_jax.evaluation.templates import templates_for
-    from valign_jax.models import build
     checks = {"config.peft.overrides": lambda: peft.parse_overrides(config.peft.overrides),
               "config.eval.templates": lambda: templates_for(config.eval.templates, "")}
     for side in ("image", "text"):  # preset name, pooling, dtype: the tower config's own checks
@@ -266,21 +285,26 @@ def _delegated_problems(config) -> list[str]:
 
 
 def combination_problems(config, mode: str = "train") -> list[str]:
-    """Names not among the choices were reported already: checks needing them are skipped."""
-    from valign_jax import losses, peft
-    from valign_jax.evaluation.rerank import RERANK_SCORES
+    """The chosen objective's, its auxiliary losses' and the evaluators' own checks, and the
+    run-wide ones: heads and logit presets, PEFT parts the model lacks, feature caches."""
+    from valign_jax import losses, objectives, peft
+    from valign_jax.evaluation import registry
     problems = []
     objective, model = config.objective, config.model
-    if objective.kind != "sigmoid":
-        problems += [f"config.objective.{key}={objective[key]!r} applies to the sigmoid "
-                     f"objective only; config.objective.kind is {objective.kind!r}"
-                     for key, default in SIGMOID_ONLY.items() if objective[key] != default]
-    if objective.itm_weight > 0 and not model.fusion_layers:
-        problems.append("config.objective.itm_weight > 0 needs a model with fusion layers "
-                        "(config.model.fusion_layers > 0; it is 0)")
-    if objective.itm_weight > 0 and objective.kind == "clip_refine":
-        problems.append("config.objective.itm_weight: the clip_refine objective has no "
-                        "matching loss; set it to 0")
+    chosen = objectives.kinds()[objective.kind]
+    active = [a for a in objectives.auxiliaries().values() if objective.get(a.weight_key, 0)]
+    owners = [(k.name, k.options) for k in objectives.kinds().values() if k is not chosen]
+    used = set(chosen.options) | {o for a in active for o in a.options}
+    for name, options in owners:
+        for option, default in options.items():
+            if option in used or default is None or objective.get(option, default) == default:
+                continue
+            problems.append(f"config.objective.{option}={objective[option]!r} applies to the "
+                            f"{name} objective only; config.objective.kind is "
+                            f"{objective.kind!r}")
+    for unit in [chosen, *active]:
+        if unit.check is not None:
+            problems += unit.check(config)
     logit = losses.LOGIT_SCALE_PRESETS.get(model.logit_preset)
     if model.logit_bias_init is not None and logit and logit.init_bias is None:
         problems.append(f"config.model.logit_bias_init={model.logit_bias_init!r}: the logit "
@@ -297,6 +321,10 @@ def combination_problems(config, mode: str = "train") -> list[str]:
                     f"config.model.{side}.{field} is 0, but config.peft.recipe="
                     f"{config.peft.recipe!r} trains the {side} tower's {part}: set it > 0 or "
                     f"choose another recipe")
+    for name, entry in config.evals.items():
+        kind = registry.evaluator_type(entry.type)
+        if kind.check is not None:
+            problems += kind.check(config, entry, f"config.evals.{name}")
     return problems + _feature_cache_problems(config, recipe, mode)
 
 
@@ -333,3 +361,6 @@ def device_problems(config, devices) -> list[str]:
     except ValueError as err:
         return [str(err)]
     return []
+
+
+__all__ = ["ConfigError", "check_config", "find_problems", "schema"]

@@ -18,12 +18,10 @@ the tower checkpoints or the run it started from).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
@@ -38,7 +36,6 @@ def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_pa
     from valign_jax import sharding, storage
     from valign_jax.evaluation import ln_shift, plots
     from valign_jax.evaluation.build import make_evaluator
-    from valign_jax.evaluation.evaluator import RetrievalEvaluator
     from valign_jax.run_setup import input_setup
 
     if hf_path:
@@ -67,22 +64,17 @@ def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_pa
     image_size, collate = input_setup(config, model)
     cache_dir = None
     if cached:
-        from valign_jax import feature_caching
-        cache_dir = feature_caching.cache_dir(config, "eval", workdir)
+        from valign_jax import frozen_towers
+        cache_dir = frozen_towers.cache_dir(config, "eval", workdir)
     evaluators = make_evaluator(config, model, mesh, param_sh, collate, image_size, cache_dir)
 
-    metrics, written = {}, {}
-    for evaluator in evaluators.evaluators:
-        if isinstance(evaluator, RetrievalEvaluator):  # its features also make the PCA plot
-            found, img, txt = evaluator.run(placed)
-            metrics.update(found)
-            if jax.process_index() == 0:
-                written["pca"] = str(plots.pca_plot(
-                    img, txt[evaluator.first_caption], _beside(out, "pca.png"),
-                    title=f"{Path(source).name} step {step}: gap "
-                          f"{metrics['geometry/gap']:.3f}"))
-        else:
-            metrics.update(evaluator(placed))
+    metrics, written = evaluators(placed), {}  # every evaluator, whatever its schedule
+    features = next((e.last_features for e in evaluators.evaluators
+                     if getattr(e, "last_features", None) is not None), None)
+    if features is not None and jax.process_index() == 0:  # the PCA plot of retrieval's
+        written["pca"] = str(plots.pca_plot(
+            *features, _beside(out, "pca.png"),
+            title=f"{Path(source).name} step {step}: gap {metrics['geometry/gap']:.3f}"))
 
     shift = None
     initial = _initial_params(config, model, param_sh) if not hf_path else None
@@ -105,28 +97,22 @@ def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_pa
 
 
 def _from_workdir(workdir, step, config):
-    """(model, params as host arrays, step, config) of a run's checkpoint."""
+    """(model, params as host arrays, step, config) of a run's checkpoint; `config` (another
+    recipe's) may change the data, never the model."""
     from valign_jax import checkpointing
-    from valign_jax.models.build import describe, from_description
+    from valign_jax.build import describe, description_changes
+    from valign_jax.workdir import load_run
 
-    files = [workdir / checkpointing.MODEL_JSON, workdir / checkpointing.CONFIG_JSON]
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: {workdir} is not a valign_jax training "
-                                    f"workdir (python -m valign_jax.main ... --workdir=DIR)")
-    description = json.loads(files[0].read_text())
-    model = from_description(description, source=str(files[0]))
+    model, params, step, own_config = load_run(workdir, step)
     if config is None:
-        config = ml_collections.ConfigDict(json.loads(files[1].read_text()))
+        config = own_config
     else:  # another config may change the data, never the model the checkpoint holds
-        theirs = json.loads(json.dumps(describe(_model_of(config, workdir))))
-        changed = sorted(k for k in set(theirs) | set(description)
-                         if theirs.get(k) != description.get(k))
+        changed = description_changes(describe(model), describe(_model_of(config, workdir)))
         if changed:
-            raise ValueError(f"--config builds a different model from the one in {files[0]} "
-                             f"(they differ in {changed}): the checkpoint comes from another "
-                             f"recipe; drop --config to use the run's own")
-    params, step = checkpointing.restore_params(workdir, step)
+            raise ValueError(f"--config builds a different model from the one in "
+                             f"{workdir / checkpointing.MODEL_JSON} (they differ in {changed}): "
+                             f"the checkpoint comes from another recipe; drop --config to use "
+                             f"the run's own")
     _check_tree(params, model, f"{workdir / checkpointing.CHECKPOINTS}/{step}")
     return model, params, step, config
 
@@ -134,8 +120,8 @@ def _from_workdir(workdir, step, config):
 def _model_of(config, workdir):
     from valign_jax.run_setup import build_model
     if config.data.get("feature_cache"):
-        from valign_jax import feature_caching
-        return feature_caching.cached_model(config, workdir)
+        from valign_jax import frozen_towers
+        return frozen_towers.cached_model(config, workdir)
     return build_model(config)
 
 
@@ -158,8 +144,8 @@ def _from_hf(hf_path, config):
 
 def _check_tree(params, model, source: str) -> None:
     """The checkpoint's parameters have exactly the model's names and shapes."""
-    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                 **model.dummy_inputs()))["params"]
+    from valign_jax.models.layout import abstract_params
+    expected = abstract_params(model)
     have = traverse_util.flatten_dict(params, sep="/")
     want = traverse_util.flatten_dict(expected, sep="/")
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
@@ -173,7 +159,7 @@ def _check_tree(params, model, source: str) -> None:
 def _initial_params(config, model, param_sh):
     """The run's starting parameters as host arrays; a string saying why when they cannot be
     rebuilt (a tower checkpoint that is no longer reachable); None for a towerless model."""
-    from valign_jax.models.registry import FeaturesConfig
+    from valign_jax.models import FeaturesConfig
     from valign_jax.run_setup import initial_params
     if isinstance(model.image_config, FeaturesConfig):
         return None  # trained from cached features: no tower LayerNorms changed
@@ -233,7 +219,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from valign_jax import sharding
-    from valign_jax.run_setup import quiet_library_logs
+    from valign_jax.logs import quiet_library_logs
     sharding.initialize_distributed()
     quiet_library_logs()
     overrides = {k: getattr(FLAGS, k) for k in ("eval_data", "zeroshot", "templates",

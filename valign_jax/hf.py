@@ -30,12 +30,12 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
-from valign_jax.models import (BertConfig, CLIPTextConfig, CLIPVisionConfig, DINOv2Config,
-                               DualEncoder, ViTConfig)
+from valign_jax.models import CLIPTextConfig, CLIPVisionConfig, DualEncoder, registry
 from valign_jax.models.config import TowerConfig
 from valign_jax.models.layers import interpolate_patch_positions
-from valign_jax.models.registry import (abstract_params, dummy_inputs, scanned_layer_paths,
-                                        stack_layers, tower_for, unstack_layers)
+from valign_jax.models.layout import (abstract_params, scanned_layer_paths, stack_layers,
+                                      unstack_layers)
+from valign_jax.models.registry import dummy_inputs, tower_for
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,8 @@ SAFETENSORS, SAFETENSORS_INDEX, MSGPACK = ("model.safetensors", "model.safetenso
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.txt", "*.model"]  # no code, no pickles
 
-# model_type -> (config class, where its weights sit inside the checkpoint's tree, HF class name)
-TOWER_TYPES = {
-    "bert": (BertConfig, ("", "bert"), "BertModel"),
-    "vit": (ViTConfig, ("", "vit"), "ViTModel"),
-    "dinov2": (DINOv2Config, ("", "dinov2"), "Dinov2Model"),
-    "clip_text_model": (CLIPTextConfig, ("text_model",), "CLIPTextModel"),
-    "clip_vision_model": (CLIPVisionConfig, ("vision_model",), "CLIPVisionModel"),
-}
-CLIP_PARTS = {"text": "clip_text_model", "vision": "clip_vision_model"}
+# Which model_types load, where their weights sit and which transformers class they save as:
+# the tower families' registrations (models/registry.py), read there.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,21 +149,25 @@ def checkpoint_key(path: tuple[str, ...], layout: str, prefix: str = "") -> str:
     return ".".join(([prefix] if prefix else []) + parts)
 
 
-def _is_position_table(path, value, spec) -> bool:
-    """A ViT / CLIP-vision position table stored for another image size (same width)."""
-    is_table = "/".join(path).endswith(("embeddings/position_embeddings",          # ViT, DINOv2
-                                        "embeddings/position_embedding/embedding"))  # CLIP
-    return is_table and value.ndim == len(spec.shape) and value.shape[-1] == spec.shape[-1]
+def _position_table(path, value, spec) -> int | None:
+    """For a position table stored for another image size (same width): how many rows lead
+    its patch grid (a tower family's `position_table`); else None."""
+    name = "/".join(path)
+    for suffix, prefix_tokens in registry.position_tables().items():
+        if name.endswith(suffix) and value.ndim == len(spec.shape) \
+                and value.shape[-1] == spec.shape[-1]:
+            return prefix_tokens
+    return None
 
 
-def _resize_position_table(value: np.ndarray, shape) -> np.ndarray:
-    """[CLS] position kept, the patch grid bicubically resized (as HF interpolates at run time):
-    a 224-px checkpoint stored for 256 px, as LiLT trains DeiT-B."""
+def _resize_position_table(value: np.ndarray, shape, prefix_tokens: int) -> np.ndarray:
+    """The leading rows ([CLS]) kept, the patch grid bicubically resized (as HF interpolates at
+    run time): a 224-px checkpoint stored for 256 px, as LiLT trains DeiT-B."""
     width = value.shape[-1]
     table = value.reshape(-1, width)
-    side = int(round(math.sqrt(int(np.prod(shape)) // width - 1)))
-    patches = interpolate_patch_positions(jax.numpy.asarray(table[1:]), (side, side))
-    return np.concatenate([table[:1], np.asarray(patches)], axis=0).reshape(shape)
+    side = int(round(math.sqrt(int(np.prod(shape)) // width - prefix_tokens)))
+    patches = interpolate_patch_positions(jax.numpy.asarray(table[prefix_tokens:]), (side, side))
+    return np.concatenate([table[:prefix_tokens], np.asarray(patches)], axis=0).reshape(shape)
 
 
 def _find_prefix(flat, expected, layout, prefixes, file) -> str:
@@ -199,9 +196,10 @@ def convert(flat: dict, layout: str, expected: dict, prefix: str, file: Path) ->
         value = np.asarray(flat[key])
         if layout == "pytorch":
             value = _from_pytorch(path[-1], value)
-        if tuple(value.shape) != tuple(spec.shape) and _is_position_table(path, value, spec):
+        prefix_tokens = _position_table(path, value, spec)
+        if tuple(value.shape) != tuple(spec.shape) and prefix_tokens is not None:
             log.info("%s: resizing %s from %s to %s", file, key, value.shape, tuple(spec.shape))
-            value = _resize_position_table(value, spec.shape)
+            value = _resize_position_table(value, spec.shape, prefix_tokens)
         if tuple(value.shape) != tuple(spec.shape):
             raise ValueError(f"parameter '{'/'.join(path)}': {file} key '{key}' has shape "
                              f"{tuple(value.shape)} but the config expects {tuple(spec.shape)}")
@@ -238,21 +236,26 @@ def tower_config(hf_config: dict, part: str | None = None, *, source: str = "con
                  **run_options) -> tuple[TowerConfig, tuple[str, ...]]:
     """Our tower config from an HF config dict, and the weight prefixes to try."""
     model_type = hf_config.get("model_type")
-    if model_type == "clip":
-        if part not in CLIP_PARTS:
-            raise ValueError(f"{source} is a full CLIP checkpoint: pass part='text' or "
-                             "part='vision' to load one tower, or use hf.load_dual_encoder")
+    composites = registry.composite_types()
+    if model_type in composites:
+        parts = composites[model_type]
+        if part not in parts:
+            choices = " or ".join(f"part={p!r}" for p in sorted(parts))
+            raise ValueError(f"{source} is a two-tower {model_type!r} checkpoint: pass "
+                             f"{choices} to load one tower, or use hf.load_dual_encoder")
         sub = hf_config.get(f"{part}_config") or hf_config.get(f"{part}_config_dict") or {}
-        config_cls, prefixes, _ = TOWER_TYPES[CLIP_PARTS[part]]
-        return config_cls.from_hf(sub, **run_options), prefixes
-    if model_type not in TOWER_TYPES:
-        raise ValueError(f"{source}: model_type={model_type!r} is not supported; valign_jax loads "
-                         f"{sorted(TOWER_TYPES) + ['clip']}")
+        family = parts[part]
+        return family.config.from_hf(sub, **run_options), family.weight_prefixes
+    try:
+        family = registry.family(str(model_type))
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    if not family.hf_class:  # e.g. precomputed features: no checkpoint has this type
+        raise ValueError(f"{source}: model_type={model_type!r} is not a checkpoint type")
     if part is not None:
-        raise ValueError(f"part={part!r} applies to full CLIP checkpoints only; {source} has "
-                         f"model_type={model_type!r}")
-    config_cls, prefixes, _ = TOWER_TYPES[model_type]
-    return config_cls.from_hf(hf_config, **run_options), prefixes
+        raise ValueError(f"part={part!r} applies to two-tower checkpoints only "
+                         f"({sorted(composites)}); {source} has model_type={model_type!r}")
+    return family.config.from_hf(hf_config, **run_options), family.weight_prefixes
 
 
 def load_tower(path_or_hub_id, part: str | None = None, **run_options):
@@ -309,10 +312,9 @@ def save_tower(tower, params, out_dir, formats=("safetensors", "msgpack")):
     """Write an HF-loadable directory: config.json plus model.safetensors (PyTorch layout) and
     flax_model.msgpack, so both transformers' PyTorch and Flax classes load it."""
     config = tower.config
-    model_type = config.model_type
-    hf_config = {**config.to_hf(), "architectures": [TOWER_TYPES[model_type][2]]}
-    prefix = TOWER_TYPES[model_type][1][0]
-    _write(Path(out_dir), hf_config, tower, params, prefix, formats)
+    family = registry.family_of(config)
+    hf_config = {**config.to_hf(), "architectures": [family.hf_class]}
+    _write(Path(out_dir), hf_config, tower, params, family.weight_prefixes[0], formats)
 
 
 def save_dual_encoder(model: DualEncoder, params, out_dir, formats=("safetensors", "msgpack")):

@@ -1,6 +1,6 @@
 """Alignment losses: contrastive (CLIP), sigmoid (SigLIP / SAIL), RaFA + HyCD (CLIP-Refine).
 
-The exact math is in METHODS.md §1–3. Every loss returns a float32 scalar (float64 for float64
+The exact math is in docs/methods.md §1–3. Every loss returns a float32 scalar (float64 for float64
 inputs) whatever the input dtype: bf16 logits lose too much precision inside a log-sum-exp.
 Plain `softmax_contrastive` / `sigmoid` are ordinary jnp code, so under `jit` with batch-sharded
 inputs they see the global batch and every device's negatives; `chunked_sigmoid` is the
@@ -219,7 +219,7 @@ def hycd(s_img, s_txt, t_img, t_txt, alpha: float = 0.5, temperature: float = 1.
 
 
 # ---------------------------------------------------------------------------------------------
-# Image–text matching (the fusion re-ranker, METHODS.md §6)
+# Image–text matching (the fusion re-ranker, docs/methods.md §6)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -27,11 +27,11 @@ FLAGS = flags.FLAGS
 
 def dry_run(config) -> str:
     from valign_jax import peft
-    from valign_jax.models.build import build_dual_encoder
-    from valign_jax.models.registry import abstract_params
+    from valign_jax.build import build_dual_encoder
+    from valign_jax.models.layout import abstract_params
 
     model = build_dual_encoder(config.model, use_checkpoint_config=False)
-    params = abstract_params(model, **model.dummy_inputs())
+    params = abstract_params(model)
     labels = peft.make_labels(params, config.peft.recipe, config.peft.overrides)
     return peft.report(params, labels)
 
@@ -60,15 +60,15 @@ def run(config) -> str:
         check_config(config, devices=False)  # describes the model, not this machine's devices
         return dry_run(config)
     from valign_jax import sharding, train  # the data and logging stack load only for real runs
-    from valign_jax.run_setup import quiet_library_logs
+    from valign_jax.logs import quiet_library_logs
     sharding.initialize_distributed()  # a no-op unless the launcher set VALIGN_* variables
     quiet_library_logs()
     workdir = FLAGS.workdir or default_workdir(sys.argv)
     if FLAGS.mode == "cache_features":  # relative config.data.feature_cache: in the workdir
-        from valign_jax import feature_caching
+        from valign_jax import frozen_towers
         check_config(config, mode="cache_features")
         return "\n".join(f"features cached in {path}"
-                         for path in feature_caching.cache_all(config, workdir))
+                         for path in frozen_towers.cache_all(config, workdir))
     metrics = train.train_and_evaluate(config, workdir)  # checks the config before anything
     return summary(workdir, metrics)
 
@@ -114,7 +114,7 @@ def unknown_key_message(argv) -> str | None:
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if not spec:
         return None
-    from valign_jax.run_setup import load_config
+    from valign_jax.recipes import load_config
     config = load_config(spec)
     for path in paths:
         node, walked = config, "config"

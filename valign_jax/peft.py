@@ -22,20 +22,33 @@ from typing import Iterable
 import numpy as np
 from flax import traverse_util
 
+from valign_jax.models import registry
+
 TRAINABLE, FROZEN = "trainable", "frozen"
 TOWER_PREFIX = {"image": "vision_model", "text": "text_model"}
 
-# HF's LayerNorm names: BERT, ViT (layernorm_before/after), CLIP, DINOv2 (norm1, norm2)
-NORM_NAMES = (r"(LayerNorm|layernorm[^/]*|layer_norm[^/]*|pre_layrnorm|post_layernorm"
-              r"|final_layer_norm|norm[0-9]+)")
-PART_PATTERNS = {
-    "all": r"^{t}/",
-    "ln": r"^{t}/(.*/)?" + NORM_NAMES + r"/(scale|bias)$",
-    "bias": r"^{t}/.*bias$",
-    "adapters": r"^{t}/.*/adapter[^/]*/",
-    # the ViT's final norm belongs to the deep adapter: it now normalises the new layer's output
-    "deep": r"^{t}/(deep_adapter/|layernorm/|post_layernorm/)",
-}
+
+
+def norm_names() -> str:
+    """A regex alternative of the LayerNorm module names of every registered tower family
+    (BERT's LayerNorm, ViT's layernorm_before/after, CLIP's layer_norm1/2, DINOv2's norm1/2,
+    ...): the families declare them (models/registry.py)."""
+    return registry.norm_pattern()
+
+
+def part_patterns() -> dict[str, str]:
+    """Each part's regex over 'vision_model/...' / 'text_model/...' paths ({t}: the tower)."""
+    return {
+        "all": r"^{t}/",
+        "ln": r"^{t}/(.*/)?" + norm_names() + r"/(scale|bias)$",
+        "bias": r"^{t}/.*bias$",
+        "adapters": r"^{t}/.*/adapter[^/]*/",
+        # the final norm after the encoder belongs to the deep adapter: it now normalises the
+        # new layer's output
+        "deep": r"^{t}/(deep_adapter/|" + registry.deep_norm_pattern() + r"/)",
+    }
+
+
 # The heads: projections, and the fusion re-ranker's interaction layers (new, never pretrained)
 HEADS_PATTERN = r"^(visual_projection|text_projection|fusion)(/|$)"
 LOGIT_PATTERN = r"^logit_(scale|bias)$"
@@ -76,13 +89,13 @@ def recipe_rules(recipe: Recipe | str) -> list[tuple[str, str, str]]:
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
         recipe = RECIPES[recipe]
-    rules = []
+    rules, patterns = [], part_patterns()
     for tower in ("image", "text"):
         for part in getattr(recipe, tower):
-            if part not in PART_PATTERNS:
+            if part not in patterns:
                 raise ValueError(f"unknown part {part!r} for the {tower} tower; known: "
-                                 f"{sorted(PART_PATTERNS)}")
-            rules.append((PART_PATTERNS[part].format(t=TOWER_PREFIX[tower]), TRAINABLE,
+                                 f"{sorted(patterns)}")
+            rules.append((patterns[part].format(t=TOWER_PREFIX[tower]), TRAINABLE,
                           f"{tower}:{part}"))
     if recipe.heads:
         rules.append((HEADS_PATTERN, TRAINABLE, "heads"))

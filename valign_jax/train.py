@@ -27,19 +27,22 @@ import jax
 import numpy as np
 from absl import logging
 
-from valign_jax import checkpointing, feature_caching, optim, peft, sharding
+from valign_jax import checkpointing, frozen_towers, objectives, optim, peft, sharding
 from valign_jax.config_checks import check_config
 from valign_jax.data import feature_cache, pipeline
 from valign_jax.evaluation.build import make_evaluator
-from valign_jax.run_setup import (MetricsLog, build_model, initial_params, input_setup,
-                                  load_config, make_objective, prepare_workdir, write_run_files)
+from valign_jax.models.layout import abstract_params
+from valign_jax.recipes import load_config
+from valign_jax.run_setup import build_model, initial_params, input_setup
 from valign_jax.train_step import create_state, make_train_step
+from valign_jax.workdir import MetricsLog, prepare_workdir, write_run_files
 
 
 @dataclasses.dataclass
 class Trainer:
     """Everything compiled for one model on one mesh: what the loop and the tests drive."""
     model: object
+    objective: objectives.Objective
     labels: dict
     optimizer: object
     abstract_params: dict
@@ -48,6 +51,10 @@ class Trainer:
     init_state: Callable      # params -> TrainState, placed on the mesh
     train_step: Callable      # (state, batch[, teacher]) -> (state, metrics); state donated
 
+    @property
+    def needs_teacher(self) -> bool:
+        return "teacher" in self.objective.needs
+
     def abstract_state(self):
         """The state's shapes with their shardings: the target a checkpoint restores into."""
         shapes = jax.eval_shape(self.init_state, self.abstract_params)
@@ -55,29 +62,28 @@ class Trainer:
                             shapes, self.state_sh)
 
 
-def make_trainer(config, model, mesh, total_steps: int) -> Trainer:
+def make_trainer(config, model, mesh, total_steps: int, objective=None) -> Trainer:
     """Parameters, which of them train, the optimizer, where each array lives on the mesh,
-    and the jitted step with explicit shardings."""
-    abstract_params = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs()))["params"]
-    labels = peft.make_labels(abstract_params, config.peft.recipe, config.peft.overrides)
+    and the jitted step with explicit shardings. `objective`: config.objective's by default."""
+    objective = objective or objectives.build(config.objective, mesh)
+    shapes = abstract_params(model)
+    labels = peft.make_labels(shapes, config.peft.recipe, config.peft.overrides)
     optimizer = optim.make_optimizer(config.optim, labels, total_steps)
     rng = jax.random.PRNGKey(config.seed)
-    param_sh = sharding.tree_shardings(abstract_params, mesh, config.mesh.min_fsdp_size)
-    state_shapes = jax.eval_shape(lambda p: create_state(p, optimizer, rng), abstract_params)
+    param_sh = sharding.tree_shardings(shapes, mesh, config.mesh.min_fsdp_size)
+    state_shapes = jax.eval_shape(lambda p: create_state(p, optimizer, rng), shapes)
     state_sh = sharding.tree_shardings(state_shapes, mesh, config.mesh.min_fsdp_size)
     init_state = jax.jit(lambda p: create_state(p, optimizer, rng), in_shardings=(param_sh,),
                          out_shardings=state_sh)
-    step_fn = make_train_step(model, optimizer, labels, make_objective(config.objective, mesh),
-                              config.model.logit_preset,
+    step_fn = make_train_step(model, optimizer, labels, objective, config.model.logit_preset,
                               skip_nonfinite=config.on_nonfinite == "skip")
     batch_sh, out_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    # CLIP-Refine's teacher (the frozen initial model) is a third argument, never a constant
-    # baked into the compiled step.
-    in_sh = (state_sh, batch_sh) + ((param_sh,) if config.objective.kind == "clip_refine" else ())
+    # A teacher (the frozen initial model) is a third argument, never a constant baked into
+    # the compiled step.
+    in_sh = (state_sh, batch_sh) + ((param_sh,) if "teacher" in objective.needs else ())
     train_step = jax.jit(step_fn, in_shardings=in_sh, out_shardings=(state_sh, out_sh),
                          donate_argnums=(0,))
-    return Trainer(model, labels, optimizer, abstract_params, param_sh, state_sh, init_state,
+    return Trainer(model, objective, labels, optimizer, shapes, param_sh, state_sh, init_state,
                    train_step)
 
 
@@ -90,14 +96,15 @@ def train_and_evaluate(config, workdir) -> dict:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(config.batch_size, mesh)
     cached = bool(config.data.get("feature_cache"))
-    model = feature_caching.cached_model(config, workdir) if cached else build_model(config)
+    model = frozen_towers.cached_model(config, workdir) if cached else build_model(config)
     write_run_files(workdir, config, model)
+    objective = objectives.build(config.objective, mesh)
 
     # Data: the training stream, and how captions and pixels become model inputs.
-    image_size, collate = input_setup(config, model)
+    image_size, collate = input_setup(config, model, "second_caption" in objective.needs)
     if cached:
         train_source = feature_cache.CachedFeatures(
-            feature_caching.cache_dir(config, "train", workdir))
+            frozen_towers.cache_dir(config, "train", workdir))
         train_data = pipeline.cached_train_dataset(train_source, config.batch_size, config.seed,
                                                    config.data.threads)
     else:
@@ -110,7 +117,7 @@ def train_and_evaluate(config, workdir) -> dict:
         config.num_epochs * len(train_source) / config.batch_size)
     train_iter = iter(train_data)
 
-    trainer = make_trainer(config, model, mesh, total_steps)
+    trainer = make_trainer(config, model, mesh, total_steps, objective)
     report = peft.report(trainer.abstract_params, trainer.labels)
     logging.info("parameters:\n%s", report)
     if jax.process_index() == 0:
@@ -120,9 +127,9 @@ def train_and_evaluate(config, workdir) -> dict:
                                             pipeline.iterator_handler())
     start = checkpoints.latest_step() or 0
     teacher = None
-    if start == 0 or config.objective.kind == "clip_refine":
+    if start == 0 or trainer.needs_teacher:
         params = initial_params(config, model, trainer.param_sh)
-        if config.objective.kind == "clip_refine":
+        if trainer.needs_teacher:  # the run's initial model, frozen
             teacher = params
     if start:
         state = checkpoints.restore(start, trainer.abstract_state(),
@@ -132,12 +139,12 @@ def train_and_evaluate(config, workdir) -> dict:
         state = trainer.init_state(params)
 
     evaluator = make_evaluator(config, model, mesh, trainer.param_sh, collate, image_size,
-                               feature_caching.cache_dir(config, "eval", workdir) if cached
+                               frozen_towers.cache_dir(config, "eval", workdir) if cached
                                else None)
     log = MetricsLog(workdir, config, total_steps)
     log.writer.write_texts(0, {"parameters": "    " + report.replace("\n", "\n    ")})
     if start == 0:
-        log.write(0, _evaluate(evaluator, state))
+        log.write(0, _evaluate(evaluator, state, 0, final=False))
 
     try:
         _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_steps,
@@ -154,7 +161,6 @@ def train_and_evaluate(config, workdir) -> dict:
 def _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_steps,
                 checkpoints, evaluator, log):
     stop_on_nonfinite = config.on_nonfinite == "stop"  # "skip": the step itself drops them
-    sigkill_after = checkpointing.sigkill_point("step")  # a test hook; None in real runs
     pending, previous = [], None
     for step in range(start, total_steps):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -178,15 +184,14 @@ def _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_
             if stop_on_nonfinite:
                 _check_finite(*previous, checkpoints)
             checkpoints.save(step + 1, state, pipeline.iterator_save_args(train_iter))
-        if (step + 1) % config.eval_every == 0 or done:
-            log.write(step + 1, _evaluate(evaluator, state))
-        if step + 1 == sigkill_after:
-            checkpoints.wait()  # so the test knows exactly which checkpoints exist
-            checkpointing.sigkill_self()
+        if evaluator.due(step + 1, final=done):
+            log.write(step + 1, _evaluate(evaluator, state, step + 1, final=done))
 
 
-def _evaluate(evaluator, state) -> dict:
-    return {**evaluator(state.params), "train/skipped_steps": int(state.skipped_steps)}
+def _evaluate(evaluator, state, step: int, final: bool) -> dict:
+    """The evaluators due at `step` (each on its own schedule)."""
+    return {**evaluator(state.params, step, final),
+            "train/skipped_steps": int(state.skipped_steps)}
 
 
 def _log_train_metrics(log, step: int, pending: list, state, skipping: bool) -> None:

@@ -1,6 +1,6 @@
 """The feature cache for frozen towers: run the towers once, train the heads from disk.
 
-SAIL (METHODS.md §4) freezes both towers, so their outputs never change during training; it runs
+SAIL (docs/methods.md §4) freezes both towers, so their outputs never change during training; it runs
 them once over the data and then trains only the alignment layers, from the stored features.
 
     path = cache_features(model, params, source, collate, out_dir, manifest, mesh=mesh)
@@ -38,7 +38,6 @@ import os
 import struct
 from contextlib import ExitStack, closing
 import threading
-import types
 import zipfile
 from pathlib import Path
 
@@ -47,7 +46,7 @@ import numpy as np
 from absl import logging
 
 from valign_jax import sharding
-from valign_jax.evaluation.evaluator import FeatureEncoder, eval_batch_size
+from valign_jax.batched import FeatureEncoder, eval_batch_size, text_inputs
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -70,15 +69,6 @@ def image_features(model, pixel_values):
 def text_features(model, input_ids, attention_mask=None):
     """The text tower's pooled output: the features before `text_projection`."""
     return model.text_model(input_ids, attention_mask)["pooled"]
-
-
-def _tower_encoder(model, mesh, param_shardings, batch_size: int) -> FeatureEncoder:
-    """A FeatureEncoder (jitted, padded, sharded batches) that returns tower features instead of
-    projected ones: it calls `model.apply(..., method=model.encode_image)`, so it is handed a
-    stand-in whose encode_* are the functions above."""
-    towers = types.SimpleNamespace(apply=model.apply, encode_image=image_features,
-                                   encode_text=text_features)
-    return FeatureEncoder(towers, mesh, param_shardings, batch_size)
 
 
 def _place(params, mesh):
@@ -125,16 +115,16 @@ def _load_batch(source, indices, collate, max_captions: int, has_long: bool, poo
 
 def _encode_batch(encoder: FeatureEncoder, params, batch: dict, max_captions: int) -> dict:
     """One batch of host inputs -> its rows of the shard arrays (float32 features)."""
-    image = encoder.images(params, batch["pixel_values"])
+    image = encoder.run(image_features, params, {"pixel_values": batch["pixel_values"]})
     num = batch["num_captions"]
-    flat = encoder.texts(params, batch["captions"])
+    flat = encoder.run(text_features, params, text_inputs(batch["captions"]))
     text = np.zeros((len(num), max_captions, flat.shape[-1]), np.float32)
     rows = np.repeat(np.arange(len(num)), num)
     slots = np.concatenate([np.arange(n) for n in num])
     text[rows, slots] = flat
     out = {"image": image, "text": text, "num_captions": num}
     if "long" in batch:
-        out["long_text"] = encoder.texts(params, batch["long"])
+        out["long_text"] = encoder.run(text_features, params, text_inputs(batch["long"]))
     return out
 
 
@@ -202,7 +192,7 @@ def cache_features(model, params, source, collate, out_dir, manifest: dict, *, m
         raise ValueError("cache_features: the source is empty")
     batch_size = eval_batch_size(batch_size, mesh)
     params, param_sh = _place(params, mesh)
-    encoder = _tower_encoder(model, mesh, param_sh, batch_size)
+    encoder = FeatureEncoder(model, mesh, param_sh, batch_size)
     writer = jax.process_index() == 0
 
     # The cache's own fields; the feature widths come from tracing the towers on record 0.
@@ -408,7 +398,7 @@ def collate_features(records) -> dict[str, np.ndarray]:
 def feature_configs(cache_dir):
     """(image, text) FeaturesConfig towers of the cached widths: a DualEncoder built with them
     applies only its heads, so the heads' parameters carry over from the full model."""
-    from valign_jax.models.registry import FeaturesConfig
+    from valign_jax.models import FeaturesConfig
     manifest = read_manifest(cache_dir)
     return (FeaturesConfig(dim=manifest["image_dim"], modality="image"),
             FeaturesConfig(dim=manifest["text_dim"], modality="text"))

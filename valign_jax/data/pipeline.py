@@ -50,6 +50,15 @@ BROKEN = "_broken"   # the key of a broken record's marker: {BROKEN: reason}
 log = logging.getLogger(__name__)
 
 
+def split_spec(data_cfg, split: str) -> tuple[str, int]:
+    """(config string, synthetic example count) of the "train" or "eval" split of a config's
+    data: config.data.train / num_train or config.data.eval / num_eval."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}; expected 'train' or 'eval'")
+    return ((data_cfg.get("train", ""), data_cfg.num_train) if split == "train"
+            else (data_cfg.get("eval", ""), data_cfg.num_eval))
+
+
 def make_source(spec: str, split: str, data_cfg, image_size: int, key: str):
     """The record source a config string names; `key` is the config key, for errors.
 
@@ -63,7 +72,7 @@ def make_source(spec: str, split: str, data_cfg, image_size: int, key: str):
         if name not in datasets:
             raise ValueError(f"{key}={spec!r}: unknown synthetic dataset {name!r}; known: "
                              f"{sorted(datasets)}")
-        count = data_cfg.num_train if split == "train" else data_cfg.num_eval
+        count = split_spec(data_cfg, split)[1]
         return datasets[name](split=split, num_examples=count, image_size=image_size,
                               seed=data_cfg.seed)
     source = sources.open_source(spec, key)

@@ -1,11 +1,18 @@
-"""Evaluation metrics over already-computed features: pure NumPy, no model and no data stack.
+"""Evaluation: metrics over computed features, and the evaluators that compute them.
 
-- `retrieval`: image↔text recall@k with key-based relevance (several captions per image).
-- `zeroshot`: CLIP prompt-ensemble class embeddings and top-k accuracy.
-- `geometry`: modality gap (both forms), alignment and uniformity (METHODS.md §3 "Metrics").
+Metrics (pure NumPy, float64; bad inputs raise ValueError naming the input rather than yielding
+a silent NaN):
+- `retrieval`: image<->text recall@k with key-based relevance (several captions per image);
+- `zeroshot`: prompt-ensembled class embeddings and top-k accuracy;
+- `geometry`: modality gap (both forms), alignment and uniformity;
+- `ln_shift`: how far training moved each LayerNorm (LiLT Fig. 4); `rerank`: recall after a
+  second stage re-scores the top k.
+They return plain dicts whose keys carry no group prefix; evaluators write them as
+`retrieval/<key>`, `zeroshot/<dataset>/<key>`, `geometry/<key>` (docs/metrics.md).
 
-Every function computes in float64 and returns a dict of plain Python floats whose keys carry no
-group prefix; the caller writes them as `retrieval/<key>`, `zeroshot/<dataset>/<key>`,
-`geometry/<key>` (DESIGN.md "Metrics"). Bad inputs (empty, NaN/inf, zero rows, mismatched sizes)
-raise ValueError naming the input instead of yielding a silent NaN metric.
+Evaluators (`registry`, `evaluator`, `build`): model-running classes built per `config.evals`
+entry from registered types, each with its own schedule. Importing this package registers the
+built-in types.
 """
+
+from valign_jax.evaluation import build  # noqa: F401  (registers the built-in evaluator types)

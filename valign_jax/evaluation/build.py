@@ -1,13 +1,16 @@
-"""Evaluators from a config: what a training run reports every `eval_every` steps and what
-`python -m valign_jax.evaluate` reports for a checkpoint, built by this one function.
+"""The built-in evaluator types, registered by name for `config.evals` entries:
 
-    config.data.eval         image-caption pairs: retrieval (+ per language) and geometry;
-                             fusion models re-rank the top config.eval.rerank_k
-    config.eval.zeroshot     zero-shot datasets, comma-separated (tfds classification data,
-                             class folders, synthetic:shapes)
-    config.eval.templates    "auto" | "single" | "clip80" | "clip7" | a list (templates.py)
-    config.eval.class_names  comma-separated text files (one class name per line), matched by
-                             position with config.eval.zeroshot; empty: the dataset's own names
+    retrieval   image-caption pairs (entry `data`, default config.data.eval): retrieval
+                (+ per language) and geometry; fusion models also re-rank the top
+                config.eval.rerank_k (config.eval.rerank_score); a run that trains from cached
+                features evaluates on the cached features of config.data.eval
+    zeroshot    zero-shot classification on each dataset of the entry's `data` (default
+                config.eval.zeroshot, comma-separated: tfds classification data, class
+                folders, synthetic:shapes), prompts by config.eval.templates ("auto" | "single"
+                | "clip80" | "clip7" | a list), class names from config.eval.class_names (text
+                files, one per dataset, matched by position; "" keeps a dataset's own names)
+
+`make_evaluator` builds the whole scheduled set for a run (training and `evaluate` alike).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from pathlib import Path
 
 from absl import logging
 
-from valign_jax.data import feature_cache, pipeline
-from valign_jax.evaluation.evaluator import (Evaluators, FeatureEncoder, RetrievalEvaluator,
-                                             ZeroShotEvaluator, eval_batch_size)
+from valign_jax.batched import FeatureEncoder, eval_batch_size
+from valign_jax.evaluation.evaluator import RetrievalEvaluator, RetrievalSet, ZeroShotEvaluator
+from valign_jax.evaluation.registry import (EvalContext, EvaluatorType, Evaluators,
+                                            build_evaluators, register_evaluator)
 from valign_jax.evaluation.templates import templates_for
 
 _WORDNET_ID = re.compile(r"^n\d{8}$")
@@ -27,46 +31,86 @@ _WORDNET_ID = re.compile(r"^n\d{8}$")
 
 def make_evaluator(config, model, mesh, param_sh, collate, image_size: int,
                    eval_cache_dir=None) -> Evaluators:
-    """Retrieval + geometry on config.data.eval (or its cached features in `eval_cache_dir`);
-    zero-shot on each of config.eval.zeroshot."""
+    """The evaluators of config.evals, each with its schedule; `eval_cache_dir`: the cached
+    features of the eval split, for runs that train from a feature cache."""
     encoder = FeatureEncoder(model, mesh, param_sh, eval_batch_size(config.eval.batch_size, mesh))
-    if eval_cache_dir is not None:  # features of the eval split, cached with the training split
-        eval_cache = feature_cache.CachedFeatures(eval_cache_dir)
-        if config.eval.zeroshot:
-            logging.warning("config.eval.zeroshot is not evaluated when training from cached "
-                            "features: class prompts need the text tower")
+    return build_evaluators(EvalContext(config, model, mesh, param_sh, collate, image_size,
+                                        encoder, eval_cache_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# retrieval
+
+
+def _retrieval(ctx: EvalContext, entry):
+    from valign_jax.data import feature_cache, pipeline  # the data stack loads when evaluating
+    config = ctx.config
+    spec = entry.data or config.data.eval
+    if ctx.eval_cache_dir is not None:  # features of the eval split, cached with the training one
         caption_sets = None
-        if config.data.eval.startswith("synthetic:"):  # equal attributes share their captions
-            source = _source(config.data.eval, config, image_size, "config.data.eval")
+        if spec.startswith("synthetic:"):  # equal attributes share their captions
+            source = open_eval_source(spec, config, ctx.image_size, "config.data.eval")
             caption_sets = [source[i]["captions"] for i in range(len(source))]
-        return Evaluators(RetrievalEvaluator.from_cache(encoder, eval_cache, caption_sets))
-    source = _source(config.data.eval, config, image_size, "config.data.eval")
-    records = pipeline.eval_records(source).records
-    if getattr(model, "fusion_layers", 0):  # a fusion model also re-ranks the top k
+        cache = feature_cache.CachedFeatures(ctx.eval_cache_dir)
+        return RetrievalEvaluator(ctx.encoder, data=RetrievalSet.from_cache(cache, caption_sets))
+    key = f"config.evals.{_name(ctx, entry)}.data" if entry.data else "config.data.eval"
+    records = pipeline.eval_records(open_eval_source(spec, config, ctx.image_size, key)).records
+    if getattr(ctx.model, "fusion_layers", 0):  # a fusion model also re-ranks the top k
         from valign_jax.evaluation.rerank import RerankingEvaluator
-        evaluators = [RerankingEvaluator(encoder, records, collate,
-                                         config.eval.get("rerank_k", 10),
-                                         config.eval.get("rerank_score", "itm+contrastive"))]
-    else:
-        evaluators = [RetrievalEvaluator(encoder, records, collate)]
-    specs = split_list(config.eval.zeroshot)
-    name_files = split_list(config.eval.get("class_names", ""))
+        return RerankingEvaluator(ctx.encoder, records, ctx.collate, config.eval.rerank_k,
+                                  config.eval.rerank_score)
+    return RetrievalEvaluator(ctx.encoder, records, ctx.collate)
+
+
+def _name(ctx, entry) -> str:
+    return next((n for n, e in ctx.config.evals.items() if e is entry), entry.type)
+
+
+register_evaluator(EvaluatorType(
+    name="retrieval", build=_retrieval,
+    help="image<->text recall@k and the geometry of the joint space on held-out pairs"))
+
+
+# ---------------------------------------------------------------------------------------------
+# zeroshot
+
+
+def _zeroshot(ctx: EvalContext, entry):
+    from valign_jax.data import pipeline
+    config = ctx.config
+    specs = split_list(entry.data or config.eval.zeroshot)
+    if not specs:
+        return None
+    if ctx.eval_cache_dir is not None:
+        logging.warning("zero-shot (config.evals.%s) is not evaluated when training from cached "
+                        "features: class prompts need the text tower", _name(ctx, entry))
+        return None
+    name_files = split_list(config.eval.class_names)
     if name_files and len(name_files) != len(specs):
         raise ValueError(f"config.eval.class_names lists {len(name_files)} files for "
                          f"{len(specs)} datasets in config.eval.zeroshot; give one per dataset "
                          f"(an empty entry keeps that dataset's own names)")
+    evaluators = []
     for spec, names_file in zip(specs, name_files or [""] * len(specs)):
-        zs_source = source if spec == config.data.eval else _source(
-            spec, config, image_size, "config.eval.zeroshot")
-        names = read_class_names(names_file) if names_file else dataset_class_names(zs_source)
-        if len(names) != len(pipeline.class_names(zs_source)):
+        source = open_eval_source(spec, config, ctx.image_size, "config.eval.zeroshot")
+        names = read_class_names(names_file) if names_file else dataset_class_names(source)
+        if len(names) != len(pipeline.class_names(source)):
             raise ValueError(f"{names_file}: {len(names)} class names, but {spec} has "
-                             f"{len(pipeline.class_names(zs_source))} classes")
-        zs_records = pipeline.eval_records(zs_source, limit=config.eval.zeroshot_limit or None)
-        templates = templates_for(config.eval.get("templates", "auto"), spec)
-        evaluators.append(ZeroShotEvaluator(encoder, zs_records.records, collate, names, templates,
-                                            dataset_name(spec)))
-    return Evaluators(*evaluators)
+                             f"{len(pipeline.class_names(source))} classes")
+        records = pipeline.eval_records(source, limit=config.eval.zeroshot_limit or None)
+        templates = templates_for(config.eval.templates, spec)
+        evaluators.append(ZeroShotEvaluator(ctx.encoder, records.records, ctx.collate, names,
+                                            templates, dataset_name(spec)))
+    return evaluators[0] if len(evaluators) == 1 else Evaluators(*evaluators)
+
+
+register_evaluator(EvaluatorType(
+    name="zeroshot", build=_zeroshot,
+    help="zero-shot classification with prompt-ensembled class embeddings"))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
 
 
 def split_list(value) -> list[str]:
@@ -77,7 +121,8 @@ def split_list(value) -> list[str]:
     return [str(i).strip() for i in items]
 
 
-def _source(spec: str, config, image_size: int, key: str):
+def open_eval_source(spec: str, config, image_size: int, key: str):
+    from valign_jax.data import pipeline
     source = pipeline.make_source(spec, "eval", config.data, image_size, key)
     if len(source) == 0:
         hint = " (config.data.num_eval is 0)" if spec.startswith("synthetic:") else ""
@@ -88,6 +133,7 @@ def _source(spec: str, config, image_size: int, key: str):
 def dataset_class_names(source) -> tuple[str, ...]:
     """The class names a zero-shot prompt is written with; WordNet ids (tfds ImageNet) are
     refused, since no text tower reads 'n01440764' as 'tench'."""
+    from valign_jax.data import pipeline
     names = pipeline.class_names(source)
     if names and all(_WORDNET_ID.match(n) for n in names[:10]):
         raise ValueError(f"{source.name}: its class names are WordNet ids ({names[0]}, ...), "

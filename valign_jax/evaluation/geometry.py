@@ -1,12 +1,12 @@
 """Geometry of the joint embedding space: modality gap, alignment and uniformity.
 
-Definitions (METHODS.md §3 "Metrics"), all on L2-normalised features x̂ (images), ŷ (texts):
+Definitions (docs/metrics.md, "Geometry"), all on L2-normalised features x̂ (images), ŷ (texts):
 - gap             = ‖mean(x̂) − mean(ŷ)‖          (Liang et al., "Mind the Gap"; the paper's form)
 - gap_sq_per_dim  = ‖mean(x̂) − mean(ŷ)‖² / D     (the CLIP-Refine official code's form)
 - alignment       = mean_i ‖x̂_i − ŷ_i‖²          (Wang & Isola, α = 2; pairs i ↔ i)
 - uniformity      = log mean_{i<j} exp(−2‖u_i − u_j‖²) over the union u of image and text features
                     (Wang & Isola, t = 2)
-Both gap forms are reported because the paper and the official code disagree (METHODS.md Δ).
+Both gap forms are reported because the paper and the official code disagree.
 
 This module also holds `l2_normalize`, the input check every evaluation metric shares.
 """

@@ -24,11 +24,9 @@ import re
 import numpy as np
 from flax import traverse_util
 
-from valign_jax.peft import NORM_NAMES, TOWER_PREFIX
+from valign_jax.peft import TOWER_PREFIX, norm_names
 
 _TOWER_OF = {prefix: tower for tower, prefix in TOWER_PREFIX.items()}  # vision_model -> image
-# The repo's LayerNorm names, plus a bare `norm` (HF DINOv2's final norm in some exports)
-_LN_LEAF = re.compile(r"(^|/)(" + NORM_NAMES + r"|norm)/(scale|bias)$")
 # The encoder stack's layer index: `encoder/layer/3/...` (BERT, ViT) or `encoder/layers/3/...`
 _LAYER = re.compile(r"^[^/]+/encoder/layers?/(\d+)/")
 
@@ -38,8 +36,11 @@ def _ln_leaves(params, name: str) -> dict[str, np.ndarray]:
     if not hasattr(params, "items"):
         raise ValueError(f"{name}: expected a nested dict of parameters, got {type(params)}")
     flat = traverse_util.flatten_dict(params, sep="/")
+    # the registered families' LayerNorm names, plus a bare `norm` (HF DINOv2's final norm in
+    # some exports)
+    ln_leaf = re.compile(r"(^|/)(" + norm_names() + r"|norm)/(scale|bias)$")
     return {path: leaf for path, leaf in flat.items()
-            if path.split("/")[0] in _TOWER_OF and _LN_LEAF.search(path)}
+            if path.split("/")[0] in _TOWER_OF and ln_leaf.search(path)}
 
 
 def _pearson(x, y) -> float | None:

@@ -73,7 +73,8 @@ class RerankingEvaluator(RetrievalEvaluator):
         self.k, self.rerank_score = k, rerank_score
 
     def run(self, params):
-        img, image_tokens = self.encoder.image_tokens(params, self.pixel_values, self.prepare)
+        img, image_tokens = self.encoder.image_tokens(params, self.data.images,
+                                                      self.data.prepare)
         txt, text_tokens = self.encoder.text_tokens(params, self.tokens)
         mask = self.tokens["attention_mask"]
         metrics = self.metrics(img, txt)

@@ -15,10 +15,11 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from valign_jax.models.clip_layer import CLIPLayer
 from valign_jax.models.config import TowerConfig
-from valign_jax.models.layers import (Encoder, SelfAttention, activation, causal_mask,
-                                      deep_adapter, dense, layer_norm, masked_mean, maybe_adapter,
+from valign_jax.models.layers import (Encoder, causal_mask, deep_adapter, layer_norm, masked_mean,
                                       padding_mask)
+from valign_jax.models.registry import TowerFamily, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,34 +40,6 @@ class CLIPTextConfig(TowerConfig):
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     projection_dim: int = 512
-
-
-class CLIPMLP(nn.Module):
-    config: TowerConfig
-
-    @nn.compact
-    def __call__(self, hidden):
-        cfg = self.config
-        hidden = activation(cfg.hidden_act)(dense(cfg, cfg.intermediate_size, "fc1")(hidden))
-        return dense(cfg, cfg.hidden_size, "fc2")(hidden)
-
-
-class CLIPLayer(nn.Module):
-    """Pre-LN block shared by CLIP's text and vision transformers (HF: CLIPEncoderLayer)."""
-
-    config: TowerConfig
-
-    @nn.compact
-    def __call__(self, hidden, mask):
-        cfg = self.config
-        attn = SelfAttention(cfg.num_attention_heads, names=("q_proj", "k_proj", "v_proj"),
-                             out_name="out_proj", dtype=cfg.compute_dtype,
-                             attention_impl=cfg.attention_impl, name="self_attn")
-        # LiLT's adapters for pre-LN layers: before each LayerNorm, inside the residual branch.
-        branch = layer_norm(cfg, "layer_norm1")(maybe_adapter(cfg, hidden, "adapter_1"))
-        hidden = hidden + attn(branch, mask)
-        branch = layer_norm(cfg, "layer_norm2")(maybe_adapter(cfg, hidden, "adapter_2"))
-        return hidden + CLIPMLP(cfg, name="mlp")(branch), None
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -119,3 +92,19 @@ class CLIPTextTower(nn.Module):
         else:
             pooled = masked_mean(hidden, attention_mask)
         return {"last_hidden_state": hidden, "pooled": pooled}
+
+
+_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+FAMILY = register(TowerFamily(
+    config=CLIPTextConfig, module=CLIPTextTower, modality="text",
+    hf_class="CLIPTextModel", weight_prefixes=("text_model",), composite=("clip", "text"),
+    norm_names=("layer_norm[^/]*", "final_layer_norm"),
+    presets={
+        "clip_b32_text": lambda: CLIPTextConfig(),
+        "clip_l14_text": lambda: CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                                num_attention_heads=12, projection_dim=768),
+        "clip_tiny_text": lambda: CLIPTextConfig(**_TINY, vocab_size=512,
+                                                 max_position_embeddings=32, eos_token_id=3,
+                                                 projection_dim=64),
+    }))

@@ -1,4 +1,4 @@
-"""Cross-modal interaction layers: the second stage on top of a dual encoder (METHODS.md §6).
+"""Cross-modal interaction layers: the second stage on top of a dual encoder (docs/methods.md §6).
 
 The dual encoder stays the fast path: one vector per image and per caption, retrieval by dot
 product. What a pooled vector cannot keep is *which* attribute goes with which object ("a red

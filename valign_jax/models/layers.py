@@ -380,3 +380,32 @@ def interpolate_patch_positions(pos: jax.Array, grid: tuple[int, int]) -> jax.Ar
     hp = jax.lax.Precision.HIGHEST
     out = jnp.einsum("yi,xj,ijd->yxd", wh, ww, table, precision=hp)
     return out.reshape(grid[0] * grid[1], dim).astype(pos.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Vision transformers' inputs: patches and positions
+# --------------------------------------------------------------------------------------------
+
+def normal_init(config):
+    """HF's N(0, initializer_range) weight init."""
+    return nn.initializers.normal(config.initializer_range)
+
+
+def patchify(config, pixel_values, use_bias: bool, name: str):
+    """(B, H, W, C) -> (B, H/p * W/p, D) patch tokens and the (H/p, W/p) grid."""
+    _, height, width, channels = pixel_values.shape
+    p = config.patch_size
+    if channels != config.num_channels or height % p or width % p:
+        raise ValueError(f"pixel_values of shape {pixel_values.shape} (NHWC) do not fit this tower: "
+                         f"expected {config.num_channels} channels and sides divisible by "
+                         f"patch_size={p}")
+    conv = nn.Conv(config.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=use_bias,
+                   dtype=config.compute_dtype, kernel_init=normal_init(config), name=name)
+    patches = conv(pixel_values.astype(config.compute_dtype))
+    return patches.reshape(patches.shape[0], -1, config.hidden_size), (height // p, width // p)
+
+
+def add_positions(tokens, table, grid):
+    """tokens (B, 1 + h*w, D) + the (1 + N, D) position table, patch part resized to `grid`."""
+    positions = jnp.concatenate([table[:1], interpolate_patch_positions(table[1:], grid)], axis=0)
+    return tokens + positions[None].astype(tokens.dtype)

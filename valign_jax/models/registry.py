@@ -1,149 +1,209 @@
-"""Which tower class a config builds, dummy inputs to trace it, and the unrolled <-> scanned
-parameter layouts (HF checkpoints are unrolled: `encoder/layer/0/...`; a scanned tower stacks the
-layers on a leading axis: `encoder/layer/...`)."""
+"""The tower-family registry: everything the rest of valign_jax knows about a kind of tower.
+
+A family is one module (models/bert.py, models/vit.py, ...) that defines a config dataclass and a
+Flax module, and registers them once with what the other layers need:
+
+    register(TowerFamily(
+        config=BertConfig, module=BertTower, modality="text",
+        hf_class="BertModel", weight_prefixes=("", "bert"),    # Hugging Face mapping
+        norm_names=("LayerNorm",),                             # its LayerNorms (peft "ln")
+        presets={"bert_base": lambda: BertConfig(...)},        # architectures by name
+    ))
+
+The family's name is its config's `model_type` (Hugging Face's). hf.py loads and saves through
+the registry, peft.py reads the LayerNorm names from it, configs name its presets, and
+`tower_for(config)` builds its module. A new family (a test's toy one included) needs nothing
+else: see docs/architecture.md.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import re
+from typing import Callable, Mapping
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from valign_jax.models.bert import BertConfig, BertTower
-from valign_jax.models.clip_text import CLIPTextConfig, CLIPTextTower
 from valign_jax.models.config import TowerConfig
-from valign_jax.models.vit import (CLIPVisionConfig, CLIPVisionTower, DINOv2Config, ViTConfig,
-                                   ViTTower)
 
-@dataclasses.dataclass(frozen=True)
-class FeaturesConfig:
-    """A "tower" whose inputs are precomputed (B, dim) features, e.g. SAIL's feature cache."""
-
-    dim: int
-    modality: str  # "image" or "text"
-    scan_layers: bool = False
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
+MODALITIES = ("image", "text")
 
 
-class FeaturesTower(nn.Module):
-    config: FeaturesConfig
-    LAYER_PATHS: ClassVar[tuple] = ()
-
-    @nn.compact
-    def __call__(self, features, attention_mask=None):
-        if features.shape[-1] != self.config.dim:
-            raise ValueError(f"precomputed {self.config.modality} features have width "
-                             f"{features.shape[-1]}; the config says {self.config.dim}")
-        return {"pooled": features}
+def _text_inputs(config, batch: int) -> dict:
+    ids = jnp.ones((batch, 8), jnp.int32)
+    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
 
 
-TOWERS = {FeaturesConfig: FeaturesTower, BertConfig: BertTower, CLIPTextConfig: CLIPTextTower,
-          ViTConfig: ViTTower, DINOv2Config: ViTTower, CLIPVisionConfig: CLIPVisionTower}
-TEXT_CONFIGS = (BertConfig, CLIPTextConfig)
-
-
-def tower_for(config: TowerConfig, **module_kwargs):
-    """The Flax tower module for a tower config."""
-    try:
-        return TOWERS[type(config)](config, **module_kwargs)
-    except KeyError:
-        raise TypeError(f"no tower for config type {type(config).__name__}; known: "
-                        f"{[c.__name__ for c in TOWERS]}") from None
-
-
-def is_text(config: TowerConfig) -> bool:
-    if isinstance(config, FeaturesConfig):
-        return config.modality == "text"
-    return isinstance(config, TEXT_CONFIGS)
-
-
-def dummy_inputs(config: TowerConfig, batch: int = 1) -> dict:
-    """Keyword inputs of the right shapes to trace a tower (values are irrelevant)."""
-    if isinstance(config, FeaturesConfig):
-        key = "input_ids" if config.modality == "text" else "pixel_values"
-        return {key: jnp.zeros((batch, config.dim), jnp.float32)}
-    if is_text(config):
-        ids = jnp.ones((batch, 8), jnp.int32)
-        return {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
+def _image_inputs(config, batch: int) -> dict:
     side = config.image_size
     return {"pixel_values": jnp.zeros((batch, side, side, config.num_channels), jnp.float32)}
 
 
-def abstract_params(module, *args, **kwargs):
-    """Parameter shapes (ShapeDtypeStructs) of `module`, without computing anything."""
-    variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), *args, **kwargs)
-    return variables["params"]
+@dataclasses.dataclass(frozen=True)
+class TowerFamily:
+    """One kind of tower and how the rest of the package treats it.
+
+    config / module: the TowerConfig subclass and the Flax module built from it.
+    modality: "image" or "text" (None: the config's own `modality` field says, as for
+        precomputed features, which can stand for either tower).
+    hf_class: the transformers class name written into a saved config.json's `architectures`.
+    weight_prefixes: where the tower's weights sit in a checkpoint's flat keys, tried in order
+        ("" for a bare BertModel, "bert" inside BertForMaskedLM, ...).
+    composite: (model_type, part) when the tower is also one half of a two-tower checkpoint,
+        e.g. ("clip", "text"): a CLIP checkpoint's `text_config` describes it.
+    norm_names: regexes of the tower's LayerNorm module names: LN-only tuning and the LN-shift
+        analysis find them by these.
+    deep_norms: the LayerNorms after the encoder, which train with the deep adapter (it feeds
+        them a new layer's output).
+    presets: architectures by name, so configs and dry runs build models without weights.
+    dummy_inputs: (config, batch) -> keyword inputs of the right shapes to trace the module.
+    position_table: the path (suffix) of a position-embedding table stored for one image size,
+        which loading resizes to the configured size; position_prefix_tokens: how many rows
+        ahead of the patch grid it holds ([CLS]: 1), kept as they are.
+    """
+
+    config: type
+    module: type
+    modality: str | None
+    hf_class: str = ""
+    weight_prefixes: tuple[str, ...] = ("",)
+    composite: tuple[str, str] | None = None
+    norm_names: tuple[str, ...] = ()
+    deep_norms: tuple[str, ...] = ()
+    presets: Mapping[str, Callable[[], TowerConfig]] = dataclasses.field(default_factory=dict)
+    dummy_inputs: Callable[[TowerConfig, int], dict] | None = None
+    position_table: str = ""
+    position_prefix_tokens: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.config.model_type or self.config.__name__
+
+    def inputs(self, config, batch: int = 1) -> dict:
+        if self.dummy_inputs is not None:
+            return self.dummy_inputs(config, batch)
+        return (_text_inputs if modality(config) == "text" else _image_inputs)(config, batch)
 
 
-def overlay(params, pretrained, where: str = "params"):
-    """`params` with every leaf that `pretrained` also has replaced by the pretrained value:
-    fresh adapters, deep layers and heads keep their init, the rest comes from the checkpoint."""
-    out = dict(params)
-    for key, value in pretrained.items():
-        if key not in params:
-            raise KeyError(f"{where}/{key} is in the pretrained weights but not in the model")
-        if isinstance(value, dict):
-            out[key] = overlay(params[key], value, f"{where}/{key}")
-        elif tuple(params[key].shape) != tuple(value.shape):
-            raise ValueError(f"{where}/{key}: pretrained shape {tuple(value.shape)} but the model "
-                             f"expects {tuple(params[key].shape)}")
-        else:
-            out[key] = value
+_FAMILIES: dict[str, TowerFamily] = {}        # by name (model_type)
+_BY_CONFIG: dict[type, TowerFamily] = {}      # by config class
+
+
+def register(family: TowerFamily) -> TowerFamily:
+    """Add a family; its presets join the preset names. Re-registering the same config class
+    replaces it (a module reloaded in a notebook)."""
+    if family.modality not in MODALITIES + (None,):
+        raise ValueError(f"{family.name}: modality={family.modality!r}; expected one of "
+                         f"{MODALITIES} or None")
+    for name in family.presets:
+        owner = preset_owner(name)
+        if owner is not None and owner.config is not family.config:
+            raise ValueError(f"preset {name!r} of {family.name} is already a preset of "
+                             f"{owner.name}")
+    old = _FAMILIES.get(family.name)
+    if old is not None and old.config.__name__ != family.config.__name__:
+        raise ValueError(f"model_type {family.name!r} is registered already (by "
+                         f"{old.config.__name__})")
+    _BY_CONFIG.pop(getattr(old, "config", None), None)
+    _FAMILIES[family.name] = family
+    _BY_CONFIG[family.config] = family
+    return family
+
+
+def families() -> tuple[TowerFamily, ...]:
+    return tuple(_FAMILIES.values())
+
+
+def family(name: str) -> TowerFamily:
+    """The family registered for `name` (its config's model_type)."""
+    if name not in _FAMILIES:
+        raise ValueError(f"model_type={name!r} is not supported; valign_jax knows "
+                         f"{sorted(_FAMILIES) + sorted(composite_types())}")
+    return _FAMILIES[name]
+
+
+def family_of(config) -> TowerFamily:
+    """The family of a tower config (its exact class, else its nearest registered base)."""
+    for cls in type(config).__mro__:
+        if cls in _BY_CONFIG:
+            return _BY_CONFIG[cls]
+    raise TypeError(f"no tower family for config type {type(config).__name__}; known: "
+                    f"{sorted(c.__name__ for c in _BY_CONFIG)}")
+
+
+def config_class(name: str) -> type:
+    """A registered config class by its class name (model.json records it so)."""
+    for cls in _BY_CONFIG:
+        if cls.__name__ == name:
+            return cls
+    raise ValueError(f"unknown tower type {name!r}; known: "
+                     f"{sorted(c.__name__ for c in _BY_CONFIG)}")
+
+
+def composite_types() -> dict[str, dict[str, TowerFamily]]:
+    """{model_type: {part: family}} of the two-tower checkpoint types (e.g. "clip")."""
+    out: dict[str, dict[str, TowerFamily]] = {}
+    for fam in _FAMILIES.values():
+        if fam.composite:
+            kind, part = fam.composite
+            out.setdefault(kind, {})[part] = fam
     return out
 
 
+def tower_for(config, **module_kwargs):
+    """The Flax tower module for a tower config."""
+    return family_of(config).module(config, **module_kwargs)
+
+
+def modality(config) -> str:
+    fam = family_of(config)
+    return fam.modality or config.modality
+
+
+def is_text(config) -> bool:
+    return modality(config) == "text"
+
+
+def dummy_inputs(config, batch: int = 1) -> dict:
+    """Keyword inputs of the right shapes to trace a tower (values are irrelevant)."""
+    return family_of(config).inputs(config, batch)
+
+
 # ---------------------------------------------------------------------------------------------
-# Scanned <-> unrolled layer layouts
-# ---------------------------------------------------------------------------------------------
-
-def scanned_layer_paths(module) -> tuple[tuple[str, ...], ...]:
-    """Paths of the layer stacks `module` keeps scanned (stacked on a leading layer axis)."""
-    if hasattr(module, "image_config"):  # a DualEncoder: one stack per tower
-        image = scanned_layer_paths(tower_for(module.image_config))
-        text = scanned_layer_paths(tower_for(module.text_config))
-        return (tuple(("vision_model",) + p for p in image)
-                + tuple(("text_model",) + p for p in text))
-    return module.LAYER_PATHS if module.config.scan_layers else ()
+# Presets and norm names across families
 
 
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
+def preset_owner(name: str) -> TowerFamily | None:
+    for fam in _FAMILIES.values():
+        if name in fam.presets:
+            return fam
+    return None
 
 
-def _replaced(tree, path, value):
-    """A copy of nested dict `tree` with tree[path] = value (other branches shared)."""
-    if not path:
-        return value
-    out = dict(tree)
-    out[path[0]] = _replaced(tree[path[0]], path[1:], value)
-    return out
+def preset_names() -> list[str]:
+    return sorted(n for fam in _FAMILIES.values() for n in fam.presets)
 
 
-def stack_layers(params, layer_paths, num_layers: int | None = None):
-    """Unrolled -> scanned: `<path>/<i>/w` for i < n becomes `<path>/w` with a leading axis n."""
-    for path in layer_paths:
-        layers = _get(params, path)
-        n = len(layers)
-        if num_layers is not None and n != num_layers:
-            raise ValueError(f"{'/'.join(path)} holds {n} layers; the config says {num_layers}")
-        stack = lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)
-        stacked = jax.tree_util.tree_map(stack, *[layers[str(i)] for i in range(n)])
-        params = _replaced(params, path, stacked)
-    return params
+def preset(name: str, **overrides):
+    """A tower config by preset name, with fields replaced by `overrides`."""
+    owner = preset_owner(name)
+    if owner is None:
+        raise ValueError(f"unknown architecture preset {name!r}; known: {preset_names()}")
+    return owner.presets[name]().replace(**overrides)
 
 
-def unstack_layers(params, layer_paths):
-    """Scanned -> unrolled, the inverse of stack_layers."""
-    for path in layer_paths:
-        stacked = _get(params, path)
-        n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-        layers = {str(i): jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(n)}
-        params = _replaced(params, path, layers)
-    return params
+def norm_pattern() -> str:
+    """One regex alternative of every registered family's LayerNorm names."""
+    names = sorted({n for fam in _FAMILIES.values() for n in fam.norm_names})
+    return "(" + "|".join(names) + ")" if names else "(?!)"
+
+
+def position_tables() -> dict[str, int]:
+    """{parameter path suffix: rows ahead of the patch grid} of every family's position table."""
+    return {fam.position_table: fam.position_prefix_tokens for fam in _FAMILIES.values()
+            if fam.position_table}
+
+
+def deep_norm_pattern() -> str:
+    names = sorted({re.escape(n) for fam in _FAMILIES.values() for n in fam.deep_norms})
+    return "(" + "|".join(names) + ")" if names else "(?!)"

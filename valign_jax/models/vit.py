@@ -8,11 +8,7 @@ ViTTower: HF's ViT layout, in which ViT, DeiT (non-distilled) and DINO checkpoin
   and their MLP `mlp/fc1|fc2` (or SwiGLU `mlp/weights_in|weights_out`), scale both residual
   branches by LayerScale (`layer_scale1|2/lambda1`), and the embeddings hold a `mask_token`.
   DINOv2 pools "cls_mean" by default (SAIL's features); "cls" is HF's `pooler_output`.
-CLIPVisionTower: CLIP's vision transformer (`vision_model/` of a CLIP checkpoint): class embedding,
-  bias-free patch conv, `pre_layrnorm` (HF's spelling), quick-GELU layers, `post_layernorm` on the
-  pooled [CLS] token only.
-
-Both take NHWC float32 pixels, already normalised per the checkpoint's processor config. An image
+The tower takes NHWC float32 pixels, already normalised per the checkpoint's processor config. An image
 whose patch grid differs from the checkpoint's gets bicubically interpolated position embeddings,
 exactly as HF's `interpolate_pos_encoding=True` (LiLT runs 224-px DeiT weights at 256 px).
 """
@@ -25,11 +21,11 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from valign_jax.models.clip_text import CLIPLayer
 from valign_jax.models.config import TowerConfig
 from valign_jax.models.layers import (ACTIVATIONS, Encoder, SelfAttention, activation,
-                                      deep_adapter, dense, interpolate_patch_positions,
-                                      layer_norm, maybe_adapter)
+                                      add_positions, deep_adapter, dense, layer_norm,
+                                      maybe_adapter, normal_init, patchify)
+from valign_jax.models.registry import TowerFamily, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,48 +113,6 @@ class DINOv2Config(ViTConfig):
         return out
 
 
-@dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig(TowerConfig):
-    model_type: ClassVar[str] = "clip_vision_model"
-    POOLINGS: ClassVar[tuple[str, ...]] = ("cls",)
-
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 32
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
-    projection_dim: int = 512
-
-
-def _init(config):
-    return nn.initializers.normal(config.initializer_range)
-
-
-def patchify(config, pixel_values, use_bias: bool, name: str):
-    """(B, H, W, C) -> (B, H/p * W/p, D) patch tokens and the (H/p, W/p) grid."""
-    _, height, width, channels = pixel_values.shape
-    p = config.patch_size
-    if channels != config.num_channels or height % p or width % p:
-        raise ValueError(f"pixel_values of shape {pixel_values.shape} (NHWC) do not fit this tower: "
-                         f"expected {config.num_channels} channels and sides divisible by "
-                         f"patch_size={p}")
-    conv = nn.Conv(config.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=use_bias,
-                   dtype=config.compute_dtype, kernel_init=_init(config), name=name)
-    patches = conv(pixel_values.astype(config.compute_dtype))
-    return patches.reshape(patches.shape[0], -1, config.hidden_size), (height // p, width // p)
-
-
-def add_positions(tokens, table, grid):
-    """tokens (B, 1 + h*w, D) + the (1 + N, D) position table, patch part resized to `grid`."""
-    positions = jnp.concatenate([table[:1], interpolate_patch_positions(table[1:], grid)], axis=0)
-    return tokens + positions[None].astype(tokens.dtype)
-
-
 class ViTPatchEmbeddings(nn.Module):
     config: ViTConfig
 
@@ -175,7 +129,7 @@ class ViTEmbeddings(nn.Module):
         cfg = self.config
         patches, grid = ViTPatchEmbeddings(cfg, name="patch_embeddings")(pixel_values)
         num_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
-        cls = self.param("cls_token", _init(cfg), (1, 1, cfg.hidden_size))
+        cls = self.param("cls_token", normal_init(cfg), (1, 1, cfg.hidden_size))
         if isinstance(cfg, DINOv2Config) and cfg.use_mask_token:
             mask_token = self.param("mask_token", nn.initializers.zeros, (1, cfg.hidden_size))
             if bool_masked_pos is not None:  # masked patches replaced (DINOv2's iBOT objective)
@@ -184,7 +138,7 @@ class ViTEmbeddings(nn.Module):
         if bool_masked_pos is not None and not (isinstance(cfg, DINOv2Config)
                                                 and cfg.use_mask_token):
             raise ValueError("bool_masked_pos needs a DINOv2 tower with use_mask_token=True")
-        table = self.param("position_embeddings", _init(cfg), (1, num_positions, cfg.hidden_size))
+        table = self.param("position_embeddings", normal_init(cfg), (1, num_positions, cfg.hidden_size))
         cls = jnp.broadcast_to(cls.astype(patches.dtype), (patches.shape[0], 1, cfg.hidden_size))
         return add_positions(jnp.concatenate([cls, patches], axis=1), table[0], grid)
 
@@ -288,47 +242,40 @@ class ViTTower(nn.Module):
         return {"last_hidden_state": hidden, "pooled": pooled}
 
 
-class _PositionTable(nn.Module):
-    """CLIP keeps its positions in an nn.Embed (`position_embedding/embedding`); this holds the
-    same parameter but hands out the whole table, which interpolation needs."""
+_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+              intermediate_size=4096)
 
-    config: CLIPVisionConfig
-    num_positions: int
+VIT = register(TowerFamily(
+    config=ViTConfig, module=ViTTower, modality="image",
+    hf_class="ViTModel", weight_prefixes=("", "vit"),
+    norm_names=("layernorm[^/]*",), deep_norms=("layernorm",),
+    position_table="embeddings/position_embeddings",
+    presets={  # HF's ViT layout: ViT, DeiT (non-distilled) and DINO checkpoints
+        "vit_b16": lambda: ViTConfig(**_BASE, patch_size=16, add_pooling_layer=False),
+        "vit_b32": lambda: ViTConfig(**_BASE, patch_size=32, add_pooling_layer=False),
+        "vit_l16": lambda: ViTConfig(**_LARGE, patch_size=16, add_pooling_layer=False),
+        "vit_tiny": lambda: ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, image_size=32, patch_size=8,
+                                      add_pooling_layer=False),
+    }))
 
-    @nn.compact
-    def __call__(self):
-        return self.param("embedding", _init(self.config),
-                          (self.num_positions, self.config.hidden_size))
-
-
-class CLIPVisionEmbeddings(nn.Module):
-    config: CLIPVisionConfig
-
-    @nn.compact
-    def __call__(self, pixel_values):
-        cfg = self.config
-        patches, grid = patchify(cfg, pixel_values, use_bias=False, name="patch_embedding")
-        cls = self.param("class_embedding", _init(cfg), (cfg.hidden_size,))
-        table = _PositionTable(cfg, (cfg.image_size // cfg.patch_size) ** 2 + 1,
-                               name="position_embedding")()
-        cls = jnp.broadcast_to(cls.astype(patches.dtype), (patches.shape[0], 1, cfg.hidden_size))
-        return add_positions(jnp.concatenate([cls, patches], axis=1), table, grid)
-
-
-class CLIPVisionTower(nn.Module):
-    """HF layout (inside `vision_model/`): embeddings/, pre_layrnorm/, encoder/layers/<i>/,
-    post_layernorm/. As in HF, `last_hidden_state` is the encoder output before post_layernorm,
-    and `pooled` is post_layernorm([CLS])."""
-
-    config: CLIPVisionConfig
-    LAYER_PATHS: ClassVar[tuple[tuple[str, ...], ...]] = (("encoder", "layers"),)
-
-    @nn.compact
-    def __call__(self, pixel_values):
-        cfg = self.config
-        norm = lambda n: layer_norm(cfg, n)
-        hidden = CLIPVisionEmbeddings(cfg, name="embeddings")(pixel_values)
-        hidden = norm("pre_layrnorm")(hidden)
-        hidden = Encoder(CLIPLayer, "layers", cfg, name="encoder")(hidden, None)
-        hidden = deep_adapter(CLIPLayer, cfg, hidden, None)
-        return {"last_hidden_state": hidden, "pooled": norm("post_layernorm")(hidden[:, 0])}
+# DINOv2 (facebook/dinov2-*): 518 px, patch 14, mlp_ratio 4, LayerScale; giant uses SwiGLU
+DINOV2 = register(TowerFamily(
+    config=DINOv2Config, module=ViTTower, modality="image",
+    hf_class="Dinov2Model", weight_prefixes=("", "dinov2"),
+    norm_names=("layernorm", "norm[0-9]+"), deep_norms=("layernorm",),
+    position_table="embeddings/position_embeddings",
+    presets={
+        "dinov2_s14": lambda: DINOv2Config(hidden_size=384, num_hidden_layers=12,
+                                           num_attention_heads=6, image_size=518),
+        "dinov2_b14": lambda: DINOv2Config(hidden_size=768, num_hidden_layers=12,
+                                           num_attention_heads=12, image_size=518),
+        "dinov2_l14": lambda: DINOv2Config(hidden_size=1024, num_hidden_layers=24,
+                                           num_attention_heads=16, image_size=518),
+        "dinov2_g14": lambda: DINOv2Config(hidden_size=1536, num_hidden_layers=40,
+                                           num_attention_heads=24, image_size=518,
+                                           use_swiglu_ffn=True),
+        "dinov2_tiny": lambda: DINOv2Config(hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, image_size=32, patch_size=8),
+    }))

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from valign_jax import losses
-from valign_jax.models.dual_encoder import DualEncoder
-from valign_jax.models.presets import preset
-from valign_jax.models.registry import TOWERS
+import json
 
-_CONFIG_TYPES = {cls.__name__: cls for cls in TOWERS}
+from valign_jax import hf, losses
+from valign_jax.models import registry
+from valign_jax.models.dual_encoder import DualEncoder
+
 _HEAD_FIELDS = ("projection_dim", "image_head", "text_head", "head_bias", "logit_scale_init",
                 "logit_bias_init", "fusion_layers", "fusion_heads", "fusion_width")
 
@@ -32,9 +32,10 @@ def _overrides(tower_cfg, model_cfg, side: str) -> dict:
     return overrides
 
 
-def _clip_part(hf_config: dict, side: str):
-    """Which half of a full CLIP checkpoint a tower reads (None for single-tower checkpoints)."""
-    if hf_config.get("model_type") != "clip":
+def _part(hf_config: dict, side: str):
+    """Which half of a two-tower checkpoint (e.g. a full CLIP) a tower reads; None for
+    single-tower checkpoints."""
+    if hf_config.get("model_type") not in registry.composite_types():
         return None
     return "vision" if side == "image" else "text"
 
@@ -43,24 +44,22 @@ def tower_config(tower_cfg, model_cfg, side: str, use_checkpoint_config: bool):
     """A tower config from one `config.model.image|text` entry; side is "image" or "text"."""
     overrides = _overrides(tower_cfg, model_cfg, side)
     if tower_cfg.checkpoint and use_checkpoint_config:
-        from valign_jax import hf
         directory = hf.resolve(tower_cfg.checkpoint)
         hf_config = hf.read_config(directory)
-        config, _ = hf.tower_config(hf_config, _clip_part(hf_config, side),
+        config, _ = hf.tower_config(hf_config, _part(hf_config, side),
                                     source=str(directory / "config.json"), **overrides)
         return config
-    return preset(tower_cfg.preset, **overrides)
+    return registry.preset(tower_cfg.preset, **overrides)
 
 
 def pretrained_towers(model_cfg) -> dict:
     """{"vision_model": params, "text_model": params} for the towers that name a checkpoint."""
-    from valign_jax import hf
     out = {}
     for side, name in (("image", "vision_model"), ("text", "text_model")):
         tower_cfg = model_cfg[side]
         if tower_cfg.checkpoint:
             directory = hf.resolve(tower_cfg.checkpoint)
-            part = _clip_part(hf.read_config(directory), side)
+            part = _part(hf.read_config(directory), side)
             _, out[name] = hf.load_tower(directory, part,
                                          **_overrides(tower_cfg, model_cfg, side))
     return out
@@ -105,9 +104,16 @@ def from_description(description: dict, source: str = "model.json") -> DualEncod
     def tower(entry):
         entry = dict(entry)
         kind = entry.pop("type", None)
-        if kind not in _CONFIG_TYPES:
-            raise ValueError(f"{source}: unknown tower type {kind!r}; known: {sorted(_CONFIG_TYPES)}")
-        return _CONFIG_TYPES[kind](**entry)
+        try:
+            return registry.config_class(str(kind))(**entry)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
     heads = {name: description[name] for name in _HEAD_FIELDS if name in description}
     return DualEncoder(tower(description["image_config"]), tower(description["text_config"]),
                        **heads)
+
+
+def description_changes(old: dict, new: dict) -> list[str]:
+    """The top-level keys in which two model descriptions (`describe`) differ."""
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

@@ -1,6 +1,8 @@
-"""`--mode=cache_features`: run a config's frozen towers once over its training and evaluation
-data and store their pooled outputs, so that training (SAIL) reads features from disk and never
-runs the towers.
+"""Training from frozen towers' cached features (SAIL): where a config's cache lives, what it
+depends on, building it (`--mode=cache_features` runs the frozen towers once over the training
+and evaluation data and stores their pooled outputs), and the towerless model that trains from
+it, reading features from disk and never running the towers. The cache's format is
+data/feature_cache.py's.
 
     python -m valign_jax.main --config=configs/sail.py:demo --mode=cache_features
     python -m valign_jax.main --config=configs/sail.py:demo --workdir=DIR   # trains from it
@@ -16,13 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 from absl import logging
 
-from valign_jax import sharding
+from valign_jax import build, sharding
 from valign_jax.data import feature_cache, pipeline
-from valign_jax.models import build
-from valign_jax.run_setup import build_model, initial_params
+from valign_jax.models.layout import abstract_params
+from valign_jax.run_setup import build_model, initial_params, input_setup
 
 SPLITS = ("train", "eval")
 
@@ -41,7 +42,7 @@ def cache_dir(config, split: str, workdir=None) -> Path:
 def manifest(config, split: str) -> dict:
     """What the cached features of `split` depend on."""
     image, text = config.model.image, config.model.text
-    spec = config.data.train if split == "train" else config.data.eval
+    spec, count = pipeline.split_spec(config.data, split)
     mean, std = pipeline.normalization(image, config.data)
     out = {"image_checkpoint": image.checkpoint, "image_preset": image.preset,
            "image_pooling": image.pooling, "image_size": image.image_size,
@@ -51,9 +52,7 @@ def manifest(config, split: str) -> dict:
            "image_mean": list(mean), "image_std": list(std),
            "source": spec}
     if spec.startswith("synthetic:"):  # the embedded data is a function of these
-        out.update(seed=config.data.seed,
-                   num_examples=config.data.num_train if split == "train" else
-                   config.data.num_eval)
+        out.update(seed=config.data.seed, num_examples=count)
     return out
 
 
@@ -64,17 +63,14 @@ def cache_all(config, workdir=None) -> list[Path]:
                          "the features go to")
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     model = build_model(config)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                 **model.dummy_inputs()))["params"]
-    param_sh = sharding.tree_shardings(abstract, mesh, config.mesh.min_fsdp_size)
+    param_sh = sharding.tree_shardings(abstract_params(model), mesh, config.mesh.min_fsdp_size)
     params = initial_params(config, model, param_sh)
-    tokenizer = pipeline.make_tokenizer(config.model.text, config.data.lower_case)
     # The checkpoint's own pixel statistics when it has them, as a raw training run uses.
-    collate = pipeline.Collate(tokenizer, *pipeline.normalization(config.model.image, config.data))
+    image_size, collate = input_setup(config, model)
     written = []
     for split in SPLITS:
-        spec = config.data.train if split == "train" else config.data.eval
-        source = pipeline.make_source(spec, split, config.data, model.image_config.image_size,
+        spec = pipeline.split_spec(config.data, split)[0]
+        source = pipeline.make_source(spec, split, config.data, image_size,
                                       f"config.data.{split}")
         logging.info("caching %s features of %s (%d examples)", split, spec, len(source))
         written.append(feature_cache.cache_features(
