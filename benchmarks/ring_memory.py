@@ -3,6 +3,9 @@ contrastive loss and its gradient at a global batch of 32,768 on 8 devices, comp
 ring (valign_jax.ring_losses: each device holds one (B/n)² block of logits at a time) against
 all-gathered (each device gathers the other devices' features and holds B/n × B rows of logits:
 big_vision's unchunked SigLIP; open_clip's gathered CLIP loss, one (B/n) × B block per direction).
+`chunked_vs_dense_metrics_peak_memory_ratio`: the in-batch retrieval metrics a training log shows
+(no gradient), around the ring against `losses.contrastive_metrics` under jit on the same
+batch-sharded features (what XLA makes of the plain B×B code).
 
 Peak = arguments + outputs + temporaries − donated bytes of the compiled value-and-gradient
 program, as XLA plans it per device. Compiled only (never run) for 8 simulated CPU devices; XLA
@@ -40,6 +43,8 @@ def measure(batch: int, dim: int) -> dict:
     result = json.loads(lines[-1][len("RESULT "):])
     from benchmarks import common
     local = batch // result["devices"]
+    blocks = {"logit block (B/n)^2": local * local * 4,
+              "gathered rows (B/n x B)": local * batch * 4, "features (B/n x D)": local * dim * 4}
     figures = {}
     for loss, goal in GOALS.items():
         memory = {kind: result["programs"][f"{kind}_{loss}"] for kind in ("chunked", "gathered")}
@@ -48,9 +53,13 @@ def measure(batch: int, dim: int) -> dict:
             peaks["chunked"] / peaks["gathered"], goal,
             sizes={"batch": batch, "dim": dim, "devices": result["devices"]},
             peak_bytes=peaks, memory=memory,
-            block_bytes={"logit block (B/n)^2": local * local * 4,
-                         "gathered rows (B/n x B)": local * batch * 4,
-                         "features (B/n x D)": local * dim * 4})
+            block_bytes=blocks)
+    memory = {kind: result["programs"][f"{kind}_metrics"] for kind in ("chunked", "dense")}
+    peaks = {kind: m["peak"] for kind, m in memory.items()}
+    figures["chunked_vs_dense_metrics_peak_memory_ratio"] = common.figure(
+        peaks["chunked"] / peaks["dense"], None,
+        sizes={"batch": batch, "dim": dim, "devices": result["devices"]},
+        peak_bytes=peaks, memory=memory, block_bytes=blocks)
     return figures
 
 
@@ -108,6 +117,11 @@ def _programs(batch: int, dim: int) -> dict:
         argnums = tuple(range(len(args)))
         compiled = jax.jit(jax.value_and_grad(loss, argnums)).lower(*args).compile()
         out[name] = common.program_memory(compiled)
+    metrics = {"chunked_metrics": lambda i, t, s, b: losses.chunked_contrastive_metrics(
+                   i, t, s, b, mesh=mesh),
+               "dense_metrics": losses.contrastive_metrics}
+    for name, fn in metrics.items():
+        out[name] = common.program_memory(jax.jit(fn).lower(*sigmoid_args).compile())
     return out
 
 

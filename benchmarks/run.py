@@ -30,7 +30,8 @@ GROUPS = {
     + tuple(f"clip_{r}_{m}" for r in CLIP_RECIPES for m in ("examples_per_s", "mfu")),
     "compile_time": ("scan_vs_unrolled_compile_speedup",),
     "ring_memory": ("chunked_vs_gathered_sigmoid_peak_memory_ratio",
-                    "chunked_vs_gathered_softmax_peak_memory_ratio"),
+                    "chunked_vs_gathered_softmax_peak_memory_ratio",
+                    "chunked_vs_dense_metrics_peak_memory_ratio"),
     "sail": ("cached_vs_end_to_end_pairs_per_s_ratio",),
     "data_pipeline": ("data_pipeline_vs_tf_data_images_per_s_ratio",),
 }

@@ -100,6 +100,19 @@ for mesh_name, (shape, axes, axis_name) in MESHES.items():
             "value_diff": max_diff(got[0], want[0]), "value": float(got[0]),
             **{f"grad_{k}_diff": max_diff(g, w) for k, g, w in zip(("img", "txt", "scale"),
                                                                    got[1], want[1])}}
+    # Retrieval metrics around the ring, on features with exact ties across device blocks that
+    # argmax's first-index rule decides: caption 9 = caption 2 = image 2 = image 9 (row 2 is a
+    # hit, row 9 a miss); image 50 = image 41 = caption 41 = caption 50 (column 41 a hit, 50 not).
+    tie_img, tie_txt = img.at[2].set(txt[2]).at[9].set(txt[2]), txt.at[9].set(txt[2])
+    tie_img = tie_img.at[41].set(txt[41]).at[50].set(txt[41])
+    tie_txt = tie_txt.at[50].set(txt[41])
+    for b in [None, bias]:
+        want = losses.contrastive_metrics(tie_img, tie_txt, scale, b)
+        got = jax.jit(lambda i, t: losses.chunked_contrastive_metrics(
+            i, t, scale, b, mesh=ring_mesh, axis_name=axis_name))(
+            jax.device_put(tie_img, split), jax.device_put(tie_txt, split))
+        out[f"ring_metrics_{mesh_name}_bias{b is not None}"] = {
+            k: [float(got[k]), float(want[k])] for k in want}
 out["chunked_eager_diff"] = max_diff(
     losses.chunked_sigmoid(img, txt, scale, bias, mesh=mesh), losses.sigmoid(img, txt, scale, bias))
 out["ring_softmax_eager_diff"] = max_diff(
@@ -111,7 +124,8 @@ for name, call in {
                                                                   mesh=mesh),
         "unknown_axis": lambda: losses.chunked_sigmoid(img, txt, scale, bias, mesh=mesh,
                                                        axis_name=("data", "fsdp")),
-        "bad_norm": lambda: losses.chunked_sigmoid(img, txt, scale, bias, mesh=mesh, norm="mean")}.items():
+        "bad_norm": lambda: losses.chunked_sigmoid(img, txt, scale, bias, mesh=mesh,
+                                                   norm="mean")}.items():
     try:
         call()
         errors[name] = None
@@ -131,6 +145,7 @@ def gathered_softmax(i, t, s):
     return losses.softmax_contrastive(i, t, s)
 
 
+metrics = lambda i, t, s, b: losses.chunked_contrastive_metrics(i, t, s, b, mesh=mesh)
 losses_by_name = {
     "sigmoid": (lambda i, t, s, b: losses.chunked_sigmoid(i, t, s, b, mesh=mesh), gathered_sigmoid),
     "softmax": (lambda i, t, s: losses.chunked_softmax_contrastive(i, t, s, mesh=mesh),
@@ -147,6 +162,8 @@ for B, D in [(8192, 32), (2048, 1024)]:
         argnums = tuple(range(len(args)))
         programs = {"chunked_fwd": ring, "chunked_grad": jax.grad(ring, argnums),
                     "gathered_fwd": gathered, "gathered_grad": jax.grad(gathered, argnums)}
+        if loss_name == "sigmoid":
+            programs["metrics"] = metrics
         for name, fn in programs.items():
             compiled = jax.jit(fn).lower(*args).compile()
             mem = compiled.memory_analysis()
@@ -217,6 +234,24 @@ def test_ring_losses_refuse_bad_arguments(child_result):
     assert "batch 60 is not divisible by the 8 devices" in errors["indivisible"], errors
     assert "mesh has no axis ['fsdp']" in errors["unknown_axis"], errors
     assert "norm must be one of" in errors["bad_norm"] and "'mean'" in errors["bad_norm"], errors
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_ring_metrics_match_contrastive_metrics(child_result, mesh, bias):
+    """Accuracies exactly (ties included), mean logits to float32 rounding."""
+    r = child_result[f"ring_metrics_{mesh}_bias{bias}"]
+    for name in ("i2t_accuracy", "t2i_accuracy"):
+        assert r[name][0] == r[name][1], (name, r)
+    for name in ("mean_positive_logit", "mean_negative_logit"):
+        assert abs(r[name][0] - r[name][1]) <= 1e-5 * max(1.0, abs(r[name][1])), (name, r)
+
+
+def test_ring_metrics_never_hold_the_full_matrix(child_result):
+    r = child_result["hlo_sigmoid_metrics_B8192"]
+    assert not r["has_BxB"], r
+    if r["temp_bytes"] is not None:
+        assert r["temp_bytes"] < 3 * r["block_bytes"], r
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])

@@ -5,7 +5,8 @@ logits lose too much precision inside a log-sum-exp. Plain `softmax_contrastive`
 ordinary jnp code, so under `jit` with batch-sharded inputs they see the global batch and every
 device's negatives. `chunked_softmax_contrastive` / `chunked_sigmoid` (from `ring_losses`, and
 re-exported here) are the memory-bounded variants for batches whose B×B logit matrix would not
-fit on one device: the same value and gradients, computed block by block around a ring.
+fit on one device: the same value and gradients, computed block by block around a ring
+(`chunked_contrastive_metrics` likewise for `contrastive_metrics`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-# The ring forms of the two contrastive losses live in their own module; re-exported here.
-from valign_jax.ring_losses import chunked_sigmoid, chunked_softmax_contrastive  # noqa: F401
+# The ring forms of the contrastive losses and metrics live in their own module; re-exported here.
+from valign_jax.ring_losses import (  # noqa: F401
+    chunked_contrastive_metrics, chunked_sigmoid, chunked_softmax_contrastive)
 
 
 def _at_least_f32(x):

@@ -14,8 +14,9 @@ backward pass goes round the ring again: each device recomputes its block's logi
 block's gradient to its own image gradient, and adds the text side of it to a gradient
 accumulator that travels with the text block. After the last block one more `ppermute` brings
 every accumulator home. The scale (and bias) gradients are per-device sums, `psum`-ed.
+`chunked_contrastive_metrics` goes round the same ring for the retrieval metrics of a training log.
 
-This module imports only jax and numpy; `valign_jax.losses` re-exports both losses.
+This module imports only jax and numpy; `valign_jax.losses` re-exports its three functions.
 """
 
 from __future__ import annotations
@@ -281,3 +282,71 @@ def _ring_softmax(mesh, axis_name, n: int, weight: float):
 
     loss.defvjp(loss_fwd, loss_bwd)
     return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: what `losses.contrastive_metrics` reports, without the B×B matrix
+# ---------------------------------------------------------------------------------------------
+
+
+def chunked_contrastive_metrics(img, txt, scale, bias=None, *, mesh: Mesh, axis_name="data"):
+    """`losses.contrastive_metrics` computed around the ring (forward only, no gradient).
+
+    An image counts as retrieved (i2t accuracy) when its own caption's logit is the first
+    maximum of its row, exactly as argmax decides: it must beat every earlier column strictly
+    and tie at most with later ones. Rows fold in each text block as it passes; each text block
+    carries its columns' verdicts (t2i) round the ring with it.
+    """
+    batch = img.shape[0]
+    n = _ring_size(mesh, axis_name, batch)
+    ring = [(k, (k + 1) % n) for k in range(n)]
+    img, txt, scale = _at_least_f32(img), _at_least_f32(txt), _at_least_f32(scale)
+    bias = jnp.zeros((), scale.dtype) if bias is None else _at_least_f32(bias)
+
+    def per_device(img, txt, scale, bias):
+        local = img.shape[0]
+        me = jax.lax.axis_index(axis_name)
+        rows = me * local + jnp.arange(local)  # global indices of this device's images
+
+        def verdicts(logits, row_best, col_best, cols):
+            """Does each row's (column's) positive stay its first maximum against this block?"""
+            # A competitor earlier in the argmax's order must be beaten strictly.
+            col_first = cols[None, :] < rows[:, None]  # in row i, column j comes before i
+            row_first = rows[:, None] < cols[None, :]  # in column j, row i comes before j
+            row_ok = jnp.where(col_first, row_best[:, None] > logits, row_best[:, None] >= logits)
+            col_ok = jnp.where(row_first, col_best[None, :] > logits, col_best[None, :] >= logits)
+            return jnp.all(row_ok, axis=1), jnp.all(col_ok, axis=0)
+
+        logits = scale * (img @ txt.T) + bias
+        positive = jnp.diagonal(logits)  # from the block itself: ties compare like with like
+        row_hit, col_hit = verdicts(logits, positive, positive, rows)
+        total = jnp.sum(logits)
+
+        def step(carry, s):
+            txt, col_best, col_hit, row_hit, total = carry
+            txt, col_best, col_hit = jax.lax.ppermute((txt, col_best, col_hit), axis_name, ring)
+            cols = ((me - s) % n) * local + jnp.arange(local)  # the block came from device me−s
+            logits = scale * (img @ txt.T) + bias
+            rows_ok, cols_ok = verdicts(logits, positive, col_best, cols)
+            return (txt, col_best, col_hit & cols_ok, row_hit & rows_ok,
+                    total + jnp.sum(logits)), None
+
+        carry = (txt, positive, col_hit, row_hit, total)
+        (_, _, col_hit, row_hit, total), _ = jax.lax.scan(step, carry, jnp.arange(1, n))
+        col_hit = jax.lax.ppermute(col_hit, axis_name, ring)  # home, as for the losses
+        return jax.lax.psum((jnp.sum(row_hit.astype(jnp.float32)),
+                             jnp.sum(col_hit.astype(jnp.float32)), jnp.sum(positive), total),
+                            axis_name)
+
+    row_hits, col_hits, positives, total = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(axis_name), P(axis_name), P(), P()),
+        out_specs=P())(img, txt, scale, bias)
+    negatives = batch * (batch - 1)
+    return {
+        "i2t_accuracy": row_hits / batch,
+        "t2i_accuracy": col_hits / batch,
+        "mean_positive_logit": positives / batch,
+        # NaN for B = 1 (there are no negatives), as the dense metrics.
+        "mean_negative_logit": (total - positives) / negatives if negatives else
+        jnp.full((), jnp.nan, total.dtype),
+    }
