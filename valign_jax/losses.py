@@ -1,10 +1,13 @@
 """Alignment losses: contrastive (CLIP), sigmoid (SigLIP / SAIL), RaFA + HyCD (CLIP-Refine).
 
-The exact math is in docs/methods.md §1–3. Every loss returns a float32 scalar (float64 for float64
-inputs) whatever the input dtype: bf16 logits lose too much precision inside a log-sum-exp.
-Plain `softmax_contrastive` / `sigmoid` are ordinary jnp code, so under `jit` with batch-sharded
-inputs they see the global batch and every device's negatives; `chunked_sigmoid` is the
-memory-bounded variant for batches whose B×B logit matrix would not fit on one device.
+The exact math is in docs/methods.md §1–3 and §9. Every loss returns a float32 scalar (float64
+for float64 inputs) whatever the input dtype: bf16 logits lose too much precision inside a
+log-sum-exp. Plain `softmax_contrastive` / `sigmoid` are
+ordinary jnp code, so under `jit` with batch-sharded inputs they see the global batch and every
+device's negatives. `chunked_softmax_contrastive` / `chunked_sigmoid` (from `ring_losses`, and
+re-exported here) are the memory-bounded variants for batches whose B×B logit matrix would not
+fit on one device: the same value and gradients, computed block by block around a ring
+(`chunked_contrastive_metrics` likewise for `contrastive_metrics`).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+
+# The ring forms of the contrastive losses and metrics live in their own module; re-exported here.
+from valign_jax.ring_losses import (  # noqa: F401
+    chunked_contrastive_metrics, chunked_sigmoid, chunked_softmax_contrastive)
 
 
 def _at_least_f32(x):
@@ -82,16 +87,10 @@ def softmax_contrastive(img, txt, scale):
 _NORMS = ("batch", "pairs")
 
 
-def _sigmoid_block_sum(img, txt, scale, bias, positives_on_diagonal: bool):
-    """Σ_ij −log σ(z_ij · (scale·img_i·txt_j + bias)) over one block of pairs.
-
-    z_ij = +1 on the diagonal when the block pairs each image with its own caption, else −1
-    everywhere (an off-diagonal block of the global matrix holds only negatives).
-    """
+def _sigmoid_sum(img, txt, scale, bias):
+    """Σ_ij −log σ(z_ij · (scale·img_i·txt_j + bias)), z_ij = +1 if i = j else −1."""
     logits = scale * img @ txt.T + bias
-    z = -jnp.ones_like(logits)
-    if positives_on_diagonal:
-        z = z + 2 * jnp.eye(*logits.shape, dtype=logits.dtype)
+    z = 2 * jnp.eye(*logits.shape, dtype=logits.dtype) - 1
     return -jnp.sum(jax.nn.log_sigmoid(z * logits))
 
 
@@ -112,60 +111,11 @@ def sigmoid(img, txt, scale, bias, norm: str = "batch", txt_extra=None):
     img, txt = _at_least_f32(img), _at_least_f32(txt)
     scale, bias = _at_least_f32(scale), _at_least_f32(bias)
     denom = _sigmoid_denominator(img.shape[0], norm)
-    loss = _sigmoid_block_sum(img, txt, scale, bias, True) / denom
+    loss = _sigmoid_sum(img, txt, scale, bias) / denom
     if txt_extra is not None:
-        extra = _sigmoid_block_sum(img, _at_least_f32(txt_extra), scale, bias, True) / denom
+        extra = _sigmoid_sum(img, _at_least_f32(txt_extra), scale, bias) / denom
         loss = 0.5 * (loss + extra)
     return loss
-
-
-def chunked_sigmoid(img, txt, scale, bias, *, mesh: Mesh, axis_name="data",
-                    norm: str = "batch", txt_extra=None):
-    """`sigmoid` computed block by block around a ring, never holding the B×B matrix.
-
-    img/txt (and txt_extra) are global (B, D) arrays sharded on the batch dim over `axis_name`
-    (one mesh axis, or a tuple of axes the batch is split over together, e.g. ("data", "fsdp")).
-    Device k keeps its image block; the text blocks move one device along the ring per step
-    (n−1 `ppermute`s), so every device meets every text block once. Only the first step, where
-    device k holds its own text block, has positives. Each device's scalar sum is `psum`-ed.
-    Value and gradients equal `sigmoid` (ppermute's transpose is the reverse permutation).
-    """
-    axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    n = int(np.prod([mesh.shape[a] for a in axes]))
-    batch = img.shape[0]
-    if batch % n:
-        raise ValueError(f"batch {batch} is not divisible by the {n} devices on {axis_name!r}")
-    denom = _sigmoid_denominator(batch, norm)
-    ring = [(k, (k + 1) % n) for k in range(n)]
-    # Rematerialise each block's logits in the backward pass: otherwise autodiff keeps all n
-    # (B/n × B/n) blocks alive, i.e. B²/n floats per device, defeating the point of chunking.
-    block_sum = jax.checkpoint(_sigmoid_block_sum, static_argnums=(4,))
-
-    def per_device(img, texts, scale, bias):
-        def blocks_sum(texts, positives):
-            return sum(block_sum(img, t, scale, bias, positives) for t in texts)
-
-        # Step 0 (diagonal block) initialises the carry; starting from a literal 0.0 would give
-        # the scan carry a device-invariant type that the varying block sums then contradict.
-        total = blocks_sum(texts, True)
-
-        def step(carry, _):
-            texts, total = carry
-            texts = jax.lax.ppermute(texts, axis_name, ring)
-            return (texts, total + blocks_sum(texts, False)), None
-
-        (_, total), _ = jax.lax.scan(step, (texts, total), None, length=n - 1)
-        total = jax.lax.psum(total, axis_name) / denom
-        return total / len(texts)  # mean over caption sets (multi-positive)
-
-    texts = (txt,) if txt_extra is None else (txt, txt_extra)
-    texts = tuple(_at_least_f32(t) for t in texts)
-    return jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(P(axis_name), P(axis_name), P(), P()),
-        out_specs=P(),
-    )(_at_least_f32(img), texts, _at_least_f32(scale), _at_least_f32(bias))
 
 
 # ---------------------------------------------------------------------------------------------
