@@ -14,7 +14,8 @@ from valign_jax.evaluation import compositional as comp
 
 
 def _cos(a, b):
-    return sum(p * q for p, q in zip(a, b)) / math.sqrt(sum(p * p for p in a) * sum(q * q for q in b))
+    dot = sum(p * q for p, q in zip(a, b))
+    return dot / math.sqrt(sum(p * p for p in a) * sum(q * q for q in b))
 
 
 def _random_choice_task(rng, n_img=7, n_txt=15, n_items=11, dim=5):
@@ -73,6 +74,8 @@ def test_choice_errors():
         comp.choice_metrics(lambda i, t: np.full(len(i), np.inf), [0], [0], [[1]])
     with pytest.raises(ValueError, match="feature dims"):
         comp.cosine_score(np.ones((2, 3)), np.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"text index out of range \[0, 2\)"):
+        comp.choice_metrics(comp.cosine_score(np.eye(2), np.eye(2)), [0], [0], [[-1]])
 
 
 def test_winoground_hand_made_groups():

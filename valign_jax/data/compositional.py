@@ -9,8 +9,8 @@ Two JSONL forms, one JSON object a line, image paths relative to the file:
                                  "captions": ["a mug in some grass", "some grass in a mug"]}
 
 In a group, caption c is true of image c. `open_compositional(path)` tells the forms apart by
-the first row that parses (`negatives` -> choice, `images` -> groups); the rest of the file must
-be the same form.
+the first JSON object holding `negatives` (choice) or `images` (groups); rows of the other form
+are then skipped as bad rows.
 
 A bad row never stops the evaluation: invalid JSON, a missing field, an empty caption, a
 negative equal to the true caption (the item could never be won), a group whose two captions or
@@ -235,8 +235,8 @@ def read_group_jsonl(path, name: str | None = None) -> GroupSet:
 
 
 def open_compositional(path, key: str = "path", name: str | None = None):
-    """ChoiceSet or GroupSet by the file's form (the first row that parses decides); `key`
-    (the config key) is named in errors."""
+    """ChoiceSet or GroupSet by the file's form (the first object with `negatives` or `images`
+    decides); `key` (the config key) is named in errors."""
     path = Path(str(path)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{key}={str(path)!r}: not a file; expected a JSONL of one of "

@@ -42,6 +42,10 @@ def cosine_score(image_features, text_features) -> Score:
                          f"{y.shape}")
 
     def score(image_index, text_index):
+        for name, index, n in (("image", image_index, len(x)), ("text", text_index, len(y))):
+            if len(index) and (np.min(index) < 0 or np.max(index) >= n):
+                raise ValueError(f"{name} index out of range [0, {n}): {np.min(index)} .. "
+                                 f"{np.max(index)}")
         return np.einsum("pd,pd->p", x[image_index], y[text_index])
     return score
 
