@@ -11,7 +11,7 @@ does not touch:
     minimise over W, b   ‖X W + 1 bᵀ − Y‖² + λ ‖W‖²
     ⇒ W = (X̄ᵀ X̄ + λ I)⁻¹ X̄ᵀ Ȳ,  b = mean(Y) − mean(X) W    (X̄, Ȳ: X, Y centred)
 
-computed from one SVD of X̄ for every λ of the grid. With a free intercept, +1/−1 and 0/1
+computed from one eigendecomposition of X̄'s Gram matrix for every λ of the grid. With a free intercept, +1/−1 and 0/1
 targets give the same predictions (W doubles, b shifts by a constant), so the choice is moot.
 
 Features: each row L2-normalised; with centre=True the mean of the normalised shots is then
@@ -79,21 +79,30 @@ def prepare(shots, test=None, centre: bool = False):
 
 
 def ridge_fit(x, targets, regs: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge regression with a free intercept for every λ in regs, from one SVD.
+    """Ridge regression with a free intercept for every λ in regs, from one eigendecomposition.
 
     x (N, D), targets (N, C) -> (W (R, D, C), b (R, C)) minimising
-    ‖x W + 1 bᵀ − targets‖² + λ ‖W‖²."""
+    ‖x W + 1 bᵀ − targets‖² + λ ‖W‖². The smaller Gram matrix is decomposed: X̄ᵀX̄ (D × D) when
+    N >= D, else X̄X̄ᵀ (N × N) with W = X̄ᵀ (X̄X̄ᵀ + λ I)⁻¹ Ȳ; a matrix product and a symmetric
+    eigensolver, cheaper than an SVD of X̄ and as accurate here, since λ > 0 swamps the rounding
+    of the smallest eigenvalues."""
     x = np.asarray(x, np.float64)
     y = np.asarray(targets, np.float64)
     regs = np.asarray(regs, np.float64)
     if regs.ndim != 1 or not len(regs) or (regs <= 0).any():
         raise ValueError(f"regs: expected positive regularisation strengths, got {regs}")
     x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
-    u, s, vt = np.linalg.svd(x - x_mean, full_matrices=False)
-    uty = u.T @ (y - y_mean)                              # (r, C)
-    shrink = s[None, :] / (s[None, :] ** 2 + regs[:, None])   # (R, r)
-    w = np.einsum("dr,Rr,rc->Rdc", vt.T, shrink, uty)
-    b = y_mean[None, :] - np.einsum("d,Rdc->Rc", x_mean, w)
+    xc, yc = x - x_mean, y - y_mean
+    if len(x) >= x.shape[1]:
+        e, q = np.linalg.eigh(xc.T @ xc)
+        qty = q.T @ (xc.T @ yc)                            # (D, C)
+        w = q[None] @ (qty[None] / (np.maximum(e, 0.0)[None, :, None] + regs[:, None, None]))
+    else:
+        e, q = np.linalg.eigh(xc @ xc.T)
+        qty = q.T @ yc                                     # (N, C)
+        dual = q[None] @ (qty[None] / (np.maximum(e, 0.0)[None, :, None] + regs[:, None, None]))
+        w = xc.T[None] @ dual
+    b = y_mean[None, :] - x_mean @ w
     return w, b
 
 
@@ -108,7 +117,7 @@ def _accuracies(x, w, b, codes) -> np.ndarray:
     correct = np.zeros(len(w))
     step = max(1, _BLOCK_ELEMENTS // (w.shape[0] * w.shape[2]))
     for start in range(0, len(x), step):
-        logits = np.einsum("nd,Rdc->Rnc", x[start:start + step], w) + b[:, None, :]
+        logits = x[start:start + step][None] @ w + b[:, None, :]   # (R, n, C)
         correct += (np.argmax(logits, axis=2) == codes[None, start:start + step]).sum(axis=1)
     return correct / len(x)
 
