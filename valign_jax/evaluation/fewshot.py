@@ -11,8 +11,9 @@ does not touch:
     minimise over W, b   ‖X W + 1 bᵀ − Y‖² + λ ‖W‖²
     ⇒ W = (X̄ᵀ X̄ + λ I)⁻¹ X̄ᵀ Ȳ,  b = mean(Y) − mean(X) W    (X̄, Ȳ: X, Y centred)
 
-computed from one eigendecomposition of X̄'s Gram matrix for every λ of the grid. With a free intercept, +1/−1 and 0/1
-targets give the same predictions (W doubles, b shifts by a constant), so the choice is moot.
+computed from one eigendecomposition of X̄'s Gram matrix for every λ of the grid. With a free
+intercept, +1/−1 and 0/1 targets give the same predictions (every logit becomes 2 × itself − 1),
+so the choice is moot.
 
 Features: each row L2-normalised; with centre=True the mean of the normalised shots is then
 subtracted from shots and test alike and the rows normalised again (SimpleShot's CL2N).
@@ -20,8 +21,9 @@ subtracted from shots and test alike and the rows normalised again (SimpleShot's
 λ comes from a small grid (REGS), chosen on the shots alone, never the test split: fold f holds
 out the f-th shot of every class and fits on the rest, for min(k, MAX_FOLDS) folds; the λ with
 the best mean held-out accuracy wins, ties going to the larger λ (the safer one with few shots).
-With k = 1 there is nothing to hold out and the largest λ is used: ridge with a large penalty
-tends to the nearest class-prototype classifier, the usual one-shot choice.
+With k = 1 there is nothing to hold out and the largest λ is used: as λ grows, ridge tends to
+the class-prototype classifier (dot product with each class's centred mean shot), the usual
+one-shot choice.
 """
 
 from __future__ import annotations
