@@ -134,3 +134,16 @@ def test_probe_errors():
         fewshot.fewshot_probe(x, labels[:5], x, labels, 2)
     with pytest.raises(ValueError, match="train features"):
         fewshot.fewshot_probe(np.full((20, 4), np.nan), labels, x, labels, 2)
+
+
+def test_large_penalty_is_the_prototype_classifier():
+    """Why one shot uses the largest λ: ridge then predicts like the dot product with each
+    class's centred mean shot."""
+    rng = np.random.default_rng(0)
+    x, test = rng.normal(size=(15, 8)), rng.normal(size=(200, 8))
+    codes = np.repeat(np.arange(5), 3)
+    w, b = fewshot.ridge_fit(x, 2.0 * np.eye(5)[codes] - 1.0, [1e6])
+    centred = x - x.mean(axis=0)
+    prototypes = np.stack([centred[codes == c].mean(axis=0) for c in range(5)])
+    np.testing.assert_array_equal(np.argmax(test @ w[0] + b[0], axis=1),
+                                  np.argmax((test - x.mean(axis=0)) @ prototypes.T, axis=1))
