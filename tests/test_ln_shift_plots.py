@@ -1,5 +1,5 @@
 """LayerNorm shift (LiLT Fig. 4) against a brute-force reference on the demo models' real
-parameter trees, and the PCA / LN-shift figures."""
+parameter trees, and the embedding (modality gap) / LN-shift figures."""
 
 import copy
 
@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from valign_jax.evaluation import plots
+from valign_jax.evaluation.geometry import geometry_metrics
 from valign_jax.evaluation.ln_shift import ln_shift, scalars
 from valign_jax.models.layout import stack_layers
 from valign_jax.recipes import load_config
@@ -209,6 +210,69 @@ def test_pca_2d_errors():
         plots.pca_2d(np.full((3, 4), np.nan), np.ones((3, 4)))
 
 
+def _gap_across_the_spread(theta, dim=6, n=40, seed=0):
+    """Unit features with a known gap: image rows cos θ u + sin θ v, text rows −cos θ u + sin θ w,
+    v and w balanced over ±a, ±b (a, b, u orthonormal, u not along any axis), so the centroids
+    are ±cos θ u and the gap is 2 cos θ, orthogonal to the much larger spread within each
+    modality."""
+    q = np.linalg.qr(np.random.default_rng(seed).normal(size=(dim, dim)))[0]
+    u, a, b = q[:, 0], q[:, 1], q[:, 2]
+    spread = np.array([a, -a, b, -b] * (n // 4))
+    img = np.cos(theta) * u + np.sin(theta) * spread
+    txt = -np.cos(theta) * u + np.sin(theta) * spread[::-1]
+    return img, txt, 2 * np.cos(theta)
+
+
+def test_gap_projection_shows_a_known_gap():
+    theta = np.deg2rad(80.0)
+    img, txt, gap = _gap_across_the_spread(theta)
+    img_2d, txt_2d, ratio, found = plots.gap_projection(img, txt)
+    centroids = img_2d.mean(axis=0) - txt_2d.mean(axis=0)
+    assert centroids[0] == pytest.approx(gap, abs=1e-12) and found == pytest.approx(gap, abs=1e-12)
+    assert centroids[1] == pytest.approx(0.0, abs=1e-12)
+    assert gap == pytest.approx(geometry_metrics(img, txt)["gap"], abs=1e-12)
+    # the first axis carries the gap's share of the variance: (gap / 2)² of 1 − 0 per point
+    assert ratio[0] == pytest.approx((gap / 2) ** 2, abs=1e-12)
+    # what the top two principal components drew: both centroids at the same point
+    pc_img, pc_txt, _ = plots.pca_2d(img, txt)
+    assert np.linalg.norm(pc_img.mean(axis=0) - pc_txt.mean(axis=0)) < 1e-9
+
+
+def test_gap_projection_on_random_features():
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(50, 8)) + np.linspace(-1, 1, 8)
+    txt = rng.normal(size=(30, 8)) * np.linspace(0.2, 3, 8)
+    img_2d, txt_2d, ratio, gap = plots.gap_projection(img, txt)
+    x = img / np.linalg.norm(img, axis=1, keepdims=True)
+    y = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    assert gap == pytest.approx(np.linalg.norm(x.mean(axis=0) - y.mean(axis=0)), abs=1e-12)
+    centroids = img_2d.mean(axis=0) - txt_2d.mean(axis=0)
+    np.testing.assert_allclose(centroids, [gap, 0.0], atol=1e-12)
+    # second axis: the top eigenvector of the union's covariance once the gap axis is removed
+    union = np.concatenate([x, y])
+    centred = union - union.mean(axis=0)
+    first = (x.mean(axis=0) - y.mean(axis=0)) / gap
+    rest = centred - np.outer(centred @ first, first)
+    evecs = np.linalg.eigh(rest.T @ rest)[1]
+    ref = centred @ evecs[:, -1]
+    ours = np.concatenate([img_2d, txt_2d])[:, 1]
+    np.testing.assert_allclose(ours, np.sign(ours @ ref) * ref, atol=1e-9)
+    np.testing.assert_allclose(np.concatenate([img_2d, txt_2d])[:, 0], centred @ first,
+                               atol=1e-12)
+    np.testing.assert_allclose(ratio, (np.concatenate([img_2d, txt_2d]) ** 2).sum(axis=0)
+                               / (centred ** 2).sum(), rtol=1e-12)
+
+
+def test_gap_projection_without_a_gap():
+    """Equal centroids: the first axis falls back to the top principal component."""
+    rng = np.random.default_rng(2)
+    img = rng.normal(size=(20, 5)) * [3, 1, 1, 1, 1] + [0, 0, 0, 0, 5]
+    img_2d, txt_2d, ratio, gap = plots.gap_projection(img, img.copy())
+    assert gap == 0.0 and np.isfinite(img_2d).all()
+    pc_img = plots.pca_2d(img, img.copy())[0]
+    np.testing.assert_allclose(np.abs(img_2d), np.abs(pc_img), atol=1e-9)
+
+
 def _valid_png(path):
     from matplotlib.image import imread
     assert path.exists() and path.stat().st_size > 0
@@ -235,3 +299,18 @@ def test_ln_shift_plot_writes_png(tmp_path, trees):
     _valid_png(plots.ln_shift_plot(result, tmp_path / "partial.png"))
     with pytest.raises(ValueError, match="result"):
         plots.ln_shift_plot({}, tmp_path / "x.png")
+
+
+def test_ln_shift_plot_fits_no_line_through_two_layers(tmp_path, monkeypatch):
+    drawn = []
+    new_figure = plots._new_figure
+    monkeypatch.setattr(plots, "_new_figure", lambda size: drawn.append(new_figure(size))
+                        or drawn[-1])
+    result = {"image": {"layers": [0, 1], "l1": [0.1, 0.3], "pearson_r": None},
+              "text": {"layers": [0, 1, 2], "l1": [0.1, 0.3, 0.2], "pearson_r": 0.5}}
+    _valid_png(plots.ln_shift_plot(result, tmp_path / "short.png"))
+    image_axes, text_axes = drawn[0].axes
+    assert len(image_axes.lines) == 1                 # the two points, no line
+    assert len(text_axes.lines) == 2                  # the points and the least-squares line
+    np.testing.assert_allclose(text_axes.lines[1].get_ydata(),
+                               np.polyval(np.polyfit([0, 1, 2], [0.1, 0.3, 0.2], 1), [0, 1, 2]))
