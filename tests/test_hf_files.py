@@ -391,3 +391,40 @@ def test_an_index_key_its_shard_does_not_hold_is_named(bert):
                        match=r"index.json maps 'encoder.layer.9.extra.weight' to "
                              r"part-1.safetensors, which does not hold it"):
         hf.read_weights(directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a user sees
+
+
+def test_main_prints_one_fatal_line_naming_the_file_before_any_compute(bert, tmp_path):
+    """`python -m valign_jax.main` with the text tower read from a damaged checkpoint: a
+    config.json claiming 10,000 layers over 2, then (index and shards) a FIFO shard. Each
+    run exits 1 with one FATAL line naming the file and the key, no traceback, within the
+    subprocess timeout (the FIFO would otherwise block it for ever)."""
+    import subprocess
+    from conftest import REPO
+
+    def main(checkpoint):
+        return subprocess.run(
+            [sys.executable, "-m", "valign_jax.main", "--config=configs/clip.py:demo",
+             f"--config.model.text.checkpoint={checkpoint}", f"--workdir={tmp_path / 'run'}"],
+            cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    directory, _ = bert
+    edit_config(directory, num_hidden_layers=10_000)
+    proc = main(directory)
+    fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(fatal) == 1 and "FATAL: invalid config" in fatal[0]
+    assert f"{directory / 'config.json'}: num_hidden_layers=10000, but the weights in " \
+           f"{directory} hold 2 layers" in proc.stderr
+
+    edit_config(directory, num_hidden_layers=2)
+    shard(directory)
+    (directory / "part-1.safetensors").unlink()
+    os.mkfifo(directory / "part-1.safetensors")
+    proc = main(directory)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "part-1.safetensors (named by model.safetensors.index.json) is not a regular " \
+           "file" in proc.stderr

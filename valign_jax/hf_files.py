@@ -254,7 +254,10 @@ def weight_names(directory: Path) -> list[str] | None:
     """The weights' keys without reading any tensor (the shard index, the safetensors header,
     or a msgpack file's structure), or None when the directory has no weights."""
     if (directory / SAFETENSORS_INDEX).exists():
-        return list(_shard_index(directory))
+        index = _shard_index(directory)
+        for shard in sorted(set(index.values())):   # there, and regular files (stat only)
+            checked_file(directory, directory / shard, SAFETENSORS_INDEX)
+        return list(index)
     if (directory / SAFETENSORS).exists():
         return list(safetensors_header(directory, directory / SAFETENSORS))
     if (directory / MSGPACK).exists():
