@@ -223,3 +223,18 @@ def test_restore_params_falls_back_and_says_which_step_without_moving_anything(
                              r"other checkpoints: \[2, 4\]"):
         checkpointing.restore_params(workdir, 6)
     assert checkpointing.restore_params(workdir, 2)[1] == 2
+
+
+def test_where_folders_cannot_be_renamed_the_damaged_checkpoint_is_deleted(
+        workdir, monkeypatch, caplog):
+    """A store that cannot rename folders (the rename raises): the damaged checkpoint 6 is
+    deleted instead, the log says so, and checkpoint 4 is used."""
+    truncate(workdir, 6)
+    checkpoints = open_checkpoints(workdir)
+
+    def cannot(self, target):
+        raise NotImplementedError("no folder renames here")
+    monkeypatch.setattr(type(checkpoints.directory), "rename", cannot)
+    assert checkpoints.latest_intact_step() == 4
+    assert "deleted (it could not be moved aside: no folder renames here)" in caplog.text
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]

@@ -17,7 +17,8 @@ saying that only the structure was checked. It is never given a manifest afterwa
 vouch for bytes nobody saw written.
 
 A damaged checkpoint the training run falls back from is moved aside to `<step>.damaged[-N]`
-(kept for inspection; delete it when done), so the run can write that step again.
+(kept for inspection; delete it when done; deleted where the store cannot rename folders), so
+the run can write that step again.
 """
 
 from __future__ import annotations
@@ -108,15 +109,20 @@ def check_step(step_dir: epath.Path, items=("state",)) -> tuple[str | None, bool
     return None, True
 
 
-def quarantine(step_dir: epath.Path) -> epath.Path:
-    """Move a damaged checkpoint aside as <step>.damaged (or .damaged-2, ...); returns where."""
+def quarantine(step_dir: epath.Path) -> str:
+    """Move a damaged checkpoint aside as <step>.damaged (or .damaged-2, ...); where a store
+    cannot rename folders, delete it (it is damaged). Returns what was done, for the log."""
     target = step_dir.parent / f"{step_dir.name}.damaged"
     n = 1
     while target.exists():
         n += 1
         target = step_dir.parent / f"{step_dir.name}.damaged-{n}"
-    step_dir.rename(target)
-    return target
+    try:
+        step_dir.rename(target)
+        return f"moved to {target.name}"
+    except (OSError, NotImplementedError) as err:
+        step_dir.rmtree()
+        return f"deleted (it could not be moved aside: {err})"
 
 
 def newest_intact(directory: epath.Path, steps, items=("state",), move_damaged: bool = False
@@ -136,7 +142,7 @@ def newest_intact(directory: epath.Path, steps, items=("state",), move_damaged: 
     for step, problem in damaged:
         line = f"checkpoint {step} in {directory} is damaged: {problem}"
         if move_damaged and chosen is not None:
-            line += f"; moved to {quarantine(directory / str(step)).name}"
+            line += f"; {quarantine(directory / str(step))}"
         log.error("%s", line)
         reports.append(line)
     if chosen is not None and not verified:
