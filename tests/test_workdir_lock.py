@@ -163,3 +163,47 @@ def test_bucket_workdirs_take_a_lease(fake_gcs):
         workdir_lock.acquire("gs://bucket/run")
     lock.release()
     assert not (fake_gcs / "bucket/run/run.lock").exists()
+
+
+JOB_PROCESS = """
+import sys
+from valign_jax import sharding, workdir_lock
+sharding.initialize_distributed()
+try:
+    lock = workdir_lock.acquire_for_run(sys.argv[1])
+except workdir_lock.WorkdirBusyError as err:
+    print("BUSY", err, flush=True)
+    sys.exit(1)
+print("ACQUIRED", lock is not None, flush=True)
+"""
+
+
+def test_a_two_process_job_stops_on_both_processes_when_the_workdir_is_busy(tmp_path, holders):
+    """Two jax.distributed processes (CPU, gloo) call acquire_for_run on a workdir another run
+    holds: process 0 is refused naming the holder, process 1 learns it from process 0, both
+    exit 1. Once the holder is gone, the same job takes the lock on process 0 only."""
+    import socket as sockets
+    holder = start_holder(tmp_path)
+    holders.append(holder.pid)
+
+    def job():
+        with sockets.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen(
+            [sys.executable, "-c", JOB_PROCESS, str(tmp_path)], cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+                 "VALIGN_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                 "VALIGN_NUM_PROCESSES": "2", "VALIGN_PROCESS_ID": str(i)}) for i in range(2)]
+        results = [(p.wait(timeout=180), p.stdout.read()) for p in procs]
+        return [(code, next((line for line in out.splitlines()   # gloo prints there too
+                             if line.startswith(("BUSY", "ACQUIRED"))), out))
+                for code, out in results]
+
+    (code0, out0), (code1, out1) = job()
+    assert (code0, code1) == (1, 1), (out0, out1)
+    assert out0.startswith("BUSY") and f"pid {holder.pid}" in out0
+    assert out1.startswith("BUSY") and "process 0's log names it" in out1
+    kill_9(holder)
+    assert job() == [(0, "ACQUIRED True"), (0, "ACQUIRED False")]
