@@ -15,14 +15,17 @@
 #   --project=PROJECT     gcloud project (default: gcloud's configured project)
 #   --version=RUNTIME     TPU software version (default by family: v2-v4 tpu-ubuntu2204-base,
 #                         v5e v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e)
-#   --spot                a Spot TPU (cheaper, can be preempted; rerun the same command to resume)
+#   --spot                a Spot TPU (cheaper, can be preempted; rerun the same command to
+#                         resume: the same flags give the same run name, so the same workdir)
 #   --queued              request it with `gcloud compute tpus queued-resources create` and wait
 #                         until it is ACTIVE, instead of `tpu-vm create`
 #   --bucket=gs://BUCKET  workdir gs://BUCKET/NAME/RUN (unless PROGRAM_FLAGS give --workdir) and
 #                         each worker's log copied to gs://BUCKET/NAME/RUN/logs/HOSTNAME.log;
 #                         without it the workdir is ~/valign_runs/NAME/RUN on each worker's disk
-#   --run=RUN             run name (default: the UTC time, YYYYmmdd-HHMMSS); the same --run
-#                         resumes the same workdir
+#   --run=RUN             run name (default: derived from the program and its flags,
+#                         <recipe>_<argument>-<checksum>, e.g. lilt_lilt_lwa-1a2b3c4d for
+#                         --config=configs/lilt.py:lilt_lwa: the same command resumes the same
+#                         workdir, other flags start another run); the same --run resumes
 #   --repo=GIT_URL        install from this repository (default: copy this checkout, including
 #                         uncommitted files; .git, workdirs and caches are left out)
 #   --ref=REF             the branch, tag or commit of --repo to install
@@ -50,6 +53,26 @@ default_runtime_version() {
     v2-* | v3-* | v4-*) echo tpu-ubuntu2204-base ;;
     *) return 1 ;;
   esac
+}
+
+# The run name when --run is not given: the same for the same command, so a rerun after a
+# preemption resumes its workdir. <recipe>_<argument> as valign_jax.main names its default
+# workdir (from --config=configs/<recipe>.py:<argument>), then a checksum of the module and
+# every program flag, so a command with other flags (another learning rate) is another run.
+default_run_name() {
+  local module="$1" config="" arg
+  shift
+  for arg in "$@"; do
+    [[ "$arg" == --config=* ]] && config="${arg#--config=}"
+  done
+  local path="${config%%:*}" argument="" stem name checksum
+  [[ "$config" == *:* ]] && argument="${config#*:}"
+  stem="$(basename "${path:-run}")"
+  name="${stem%.py}"
+  [[ -n "$argument" ]] && name+="_${argument//,/_}"
+  name="$(printf '%s' "$name" | tr -c 'A-Za-z0-9._-' '_')"
+  checksum="$(printf '%s\0' "$module" "$@" | cksum)"
+  printf '%s-%08x\n' "$name" "${checksum%% *}"
 }
 
 name="" zone="" accelerator="" project="" version="" bucket="" run_name="" repo="" ref=""
@@ -98,7 +121,11 @@ if [[ -n "$bucket" ]]; then
   bucket="${bucket%/}"
 fi
 [[ -z "$ref" || -n "$repo" ]] || die_usage "--ref=$ref needs --repo=GIT_URL"
-run_name="${run_name:-$(date -u +%Y%m%d-%H%M%S)}"
+if [[ -z "$run_name" ]]; then
+  run_name="$(default_run_name "$module" "${program_args[@]}")"
+  note "run name $run_name (from the program's flags: rerunning this command resumes it; \
+--run=NAME chooses another)"
+fi
 [[ "$run_name" =~ ^[A-Za-z0-9._-]+$ ]] ||
   die_usage "--run=$run_name: use letters, digits, '.', '_', '-'"
 

@@ -29,7 +29,7 @@ LAYERS = [
     ("base", ["storage", "sharding", "losses", "ring_losses"]),
     ("models", ["models", "models.*"]),
     ("core", ["peft", "optim", "hf", "hf_files", "build", "batched", "train_step",
-              "checkpointing"]),
+              "checkpointing", "checkpoint_integrity"]),
     ("objectives", ["objectives", "objectives.*"]),
     ("data", ["data", "data.*"]),
     ("evaluators", ["evaluation", "evaluation.*"]),

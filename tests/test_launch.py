@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,10 +107,58 @@ def test_tpu_dry_run_creates_installs_and_starts_on_every_worker(fakes):
     assert contains_run(remote, ["export", "VALIGN_MULTIHOST=1"])
     main = remote.index("valign_jax.main")
     assert remote[main - 2:main] == ["python3", "-m"]
-    assert re.fullmatch(r"--workdir=\.\./valign_runs/pod1/\d{8}-\d{6}", remote[main + 1])
+    assert re.fullmatch(r"--workdir=\.\./valign_runs/pod1/lilt-[0-9a-f]{8}", remote[main + 1])
     assert remote[main + 2] == "--config=configs/lilt.py"
     assert commands.index(install) < commands.index(start)
     assert "no --bucket" in stderr
+
+
+def started_run(fakes, *args):
+    """(workdir, log folder) of the program a tpu_pod.sh dry run starts, and its stderr."""
+    commands, stderr = launch(fakes, "tpu_pod.sh", "--dry-run", *TPU, *args)
+    remote = shlex.split(remote_of(commands[-1]))
+    workdir = next(w for w in remote if w.startswith("--workdir="))
+    logs = next(w for w in remote if w.startswith("valign_logs/"))
+    return (workdir, logs), stderr
+
+
+def test_tpu_rerunning_the_same_command_resumes_the_same_run(fakes):
+    """A --spot run preempted and rerun with the same arguments a second later: the program
+    gets the same workdir (gs://b/pod1/clip_demo-<checksum>) and logs to the same folder, as
+    the --spot help promises; the name comes from the config like valign_jax.main's default
+    workdir. The same command with another program flag, or another --module, is another
+    run; --run still names one explicitly; the stderr note says how the name was made."""
+    args = ("--spot", "--bucket=gs://b", "--", "--config=configs/clip.py:demo",
+            "--config.total_steps=100")
+    first, stderr = started_run(fakes, *args)
+    time.sleep(1.1)   # the old default, the UTC time to the second, changed here
+    again, _ = started_run(fakes, *args)
+    assert first == again
+    assert re.fullmatch(r"--workdir=gs://b/pod1/clip_demo-[0-9a-f]{8}", first[0]), first
+    assert first[1].startswith(f"valign_logs/pod1/{first[0].rsplit('/', 1)[1]}")
+    assert "rerunning this command resumes it" in stderr
+    other, _ = started_run(fakes, *args[:-1], "--config.total_steps=200")
+    assert other[0] != first[0] and other[0].startswith("--workdir=gs://b/pod1/clip_demo-")
+    assert started_run(fakes, "--module=valign_jax.evaluate", *args)[0][0] != first[0]
+    assert started_run(fakes, "--run=mine", *args)[0][0] == "--workdir=gs://b/pod1/mine"
+    odd, _ = started_run(fakes, "--", "--config=configs/lilt.py:a b,c")
+    assert re.fullmatch(r"--workdir=\.\./valign_runs/pod1/lilt_a_b_c-[0-9a-f]{8}", odd[0])
+
+
+def test_gpu_launchers_leave_the_workdir_to_the_program_which_names_it_stably(fakes):
+    """gpu_slurm.sh and gpu_local.sh add no time-dependent name: the same arguments print the
+    same commands a second later, and without --workdir valign_jax.main's default workdir
+    depends on the config argument only (workdirs/<recipe>_<argument>)."""
+    from valign_jax.main import default_workdir
+    for script, extra in (("gpu_slurm.sh", ("--nodes=2",)),
+                          ("gpu_local.sh", ("--processes=2", "--gpus=0,1"))):
+        command = (script, "--dry-run", *extra, "--", "--config=configs/clip.py:demo")
+        first, _ = launch(fakes, *command)
+        time.sleep(1.1)
+        assert launch(fakes, *command)[0] == first
+        assert not any(w.startswith("--workdir") for c in first for w in c)
+    argv = ["main.py", "--config=configs/clip.py:demo", "--config.total_steps=5"]
+    assert default_workdir(argv) == default_workdir(argv[:2]) == "workdirs/clip_demo"
 
 
 def test_tpu_spot_queued_and_project_change_the_create_command(fakes):

@@ -45,3 +45,50 @@ def test_errors(bert_dir, tmp_path):
         Tokenizer(bert_dir, 8)("a cat")
     with pytest.raises(FileNotFoundError, match="no usable tokenizer files"):
         Tokenizer(tmp_path, 8)
+
+
+def test_a_checkpoint_without_tokenizer_files_names_the_directory_and_the_files(
+        torch_fixture, tmp_path):
+    """The CLIP fixture has config.json and weights but no tokenizer (transformers itself
+    fails there with `TypeError: expected str, bytes or os.PathLike object, not NoneType`).
+    Asserts a FileNotFoundError naming the directory and the files a tokenizer needs; with
+    vocab.json but no merges.txt, the incomplete set is named; a FIFO vocab.txt is refused
+    without blocking."""
+    import os
+    import shutil
+    from valign_jax.hf_files import HFFileError
+    from timeouts import no_hang
+
+    clip, _ = torch_fixture("clip")
+    with pytest.raises(FileNotFoundError) as err:
+        Tokenizer(clip, 8)
+    message = str(err.value)
+    assert f"no usable tokenizer files in {clip}" in message
+    assert "tokenizer.json or vocab.txt or vocab.json + merges.txt" in message
+
+    copy = tmp_path / "clip"
+    shutil.copytree(clip, copy)
+    (copy / "vocab.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"it has \['vocab.json'\], an incomplete set"):
+        Tokenizer(copy, 8)
+    (copy / "vocab.json").unlink()
+    os.mkfifo(copy / "vocab.txt")
+    with no_hang(20), pytest.raises(HFFileError, match="vocab.txt is not a regular file"):
+        Tokenizer(copy, 8)
+
+
+def test_evaluate_hf_without_a_tokenizer_is_one_fatal_line(torch_fixture, tmp_path):
+    """`python -m valign_jax.evaluate --hf=<CLIP without tokenizer files>`: exit status 1 and
+    one FATAL line naming the directory and the missing files, no traceback."""
+    import subprocess
+    import sys
+    from conftest import REPO
+
+    clip, _ = torch_fixture("clip")
+    proc = subprocess.run([sys.executable, "-m", "valign_jax.evaluate", f"--hf={clip}",
+                           "--config=configs/clip.py:demo", f"--out={tmp_path / 'e.json'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL:")]
+    assert len(fatal) == 1 and f"no usable tokenizer files in {clip}" in fatal[0]
+    assert "Traceback" not in proc.stderr and "TypeError" not in proc.stderr

@@ -5,6 +5,8 @@
     <workdir>/model.json                 the dual encoder's architecture (load_trained rebuilds it)
     <workdir>/config.json                the run's config
 
+    <workdir>/checkpoints/<step>/valign_manifest.json   size + SHA-256 of every file above
+
 Saving is asynchronous (training continues while the arrays are written) and atomic: orbax
 writes into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` when complete (on
 GCS, where renames are not atomic, a `commit_success.txt` marks it complete), so a run killed
@@ -12,18 +14,25 @@ mid-save leaves the previous checkpoint as the latest; the next run deletes the 
 directory. Only the last `keep` checkpoints are kept, and older ones are deleted only after a
 newer one is complete. A save that fails (disk full, directory made unwritable) stops the run
 with a `CheckpointWriteError` naming the step and the checkpoint that is still intact.
+
+Once orbax has committed a checkpoint, a background thread hashes its files into the manifest
+(checkpoint_integrity.py). On resume, `latest_intact_step` checks the checkpoints newest first
+against their manifests: a damaged one (a changed byte, a file cut short, `state/` or
+`_METADATA` gone) is named in one log line and moved aside, and the newest intact one is used.
+`restore_params` (load_trained, evaluate) falls back the same way, without moving anything.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from valign_jax import storage
+from valign_jax import checkpoint_integrity, storage
 
 CHECKPOINTS = "checkpoints"
 MODEL_JSON = "model.json"
@@ -32,6 +41,10 @@ CONFIG_JSON = "config.json"
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the message names the step and what is still intact."""
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint asked for by step does not hold what was written; the message says what."""
 
 
 class Checkpoints:
@@ -54,11 +67,55 @@ class Checkpoints:
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=handlers)
+        self.items = tuple(handlers)
         self._writing = None  # the step whose save may still be running in the background
+        self._finishing = None  # the thread waiting for that save, then writing its manifest
+        self._failure = None    # what that save raised, reported by `wait`
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint; half-written ones are never listed."""
+        """The newest complete checkpoint; half-written ones are never listed. It may still be
+        damaged: a run resumes from `latest_intact_step`."""
         return self.manager.latest_step()
+
+    def latest_intact_step(self) -> int | None:
+        """The newest checkpoint that still holds what was written (checked against its
+        manifest); None when there is no checkpoint. Newer, damaged ones are reported (one
+        error line each, naming the step and what is wrong) and moved aside to
+        <step>.damaged, so the run writes those steps again. When checkpoints exist but none
+        is intact: CheckpointDamagedError, nothing moved (starting over is the user's call).
+        With several processes every one must call this: process 0 checks and moves, the
+        others receive its answer."""
+        if jax.process_count() == 1:
+            return self._newest_intact()
+        from jax.experimental import multihost_utils
+        chosen, error = -1, None
+        if jax.process_index() == 0:
+            try:
+                step = self._newest_intact()
+                chosen = -1 if step is None else step
+            except CheckpointDamagedError as err:
+                chosen, error = -2, err
+        chosen = int(multihost_utils.broadcast_one_to_all(np.int64(chosen)))
+        if error is not None:
+            raise error
+        if chosen == -2:
+            raise CheckpointDamagedError(f"{self.directory}: process 0 found no intact "
+                                         f"checkpoint (its log names what is wrong)")
+        self.manager.reload()  # process 0 may have moved damaged checkpoints aside
+        return None if chosen < 0 else chosen
+
+    def _newest_intact(self) -> int | None:
+        self.manager.reload()
+        steps = self.manager.all_steps()
+        step, reports = checkpoint_integrity.newest_intact(self.directory, steps, self.items,
+                                                           move_damaged=True)
+        if step is None and reports:
+            raise CheckpointDamagedError(
+                f"none of the checkpoints in {self.directory} is intact ({'; '.join(reports)}). "
+                f"Nothing was moved; to start this run over, move {self.directory} away")
+        if reports:
+            self.manager.reload()
+        return step
 
     def save(self, step: int, state, data_args=None) -> None:
         """Start saving `state` (and `data_args`, e.g. grain.checkpoint.CheckpointSave(it)).
@@ -73,6 +130,26 @@ class Checkpoints:
         except Exception as err:  # noqa: BLE001  (whatever the storage raised, said plainly)
             self._writing = None
             raise self._write_error(step, err) from err
+        self._finishing = threading.Thread(target=self._finish, args=(step,), daemon=True,
+                                           name=f"checkpoint-{step}-manifest")
+        self._finishing.start()
+
+    def _finish(self, step: int) -> None:
+        """In the background: wait for orbax to commit `step`, then (process 0) hash its files
+        into the manifest. A failed save is kept for `wait` to report; a manifest that cannot
+        be written only costs the byte check of that checkpoint (a warning)."""
+        try:
+            self.manager.wait_until_finished()
+        except BaseException as err:  # noqa: BLE001  (reported by wait, in the caller's thread)
+            self._failure = err
+            return
+        if jax.process_index() != 0:
+            return
+        try:
+            checkpoint_integrity.write_manifest(self.directory / str(step), step)
+        except Exception as err:  # noqa: BLE001
+            logging.warning("could not write the manifest of checkpoint %d (%s): it will be "
+                            "checked by structure only", step, err)
 
     def restore(self, step: int, abstract_state, data_args=None):
         """The state at `step`, placed per the shardings in `abstract_state`
@@ -84,13 +161,21 @@ class Checkpoints:
             return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
         except ValueError as err:  # orbax's message names the first array that differs
             raise ValueError(f"{self.directory / str(step)} does not fit this run's train "
-                             f"state or data pipeline ({str(err)[:500]}); it was written by "
-                             f"another version of valign_jax: use a new --workdir") from err
+                             f"state or data pipeline, or cannot be read ({str(err)[:500]}); "
+                             f"if another version of valign_jax wrote it, use a new "
+                             f"--workdir") from err
 
     def wait(self) -> None:
-        """Block until every started save is on disk; CheckpointWriteError if one failed."""
+        """Block until every started save is on disk (and its manifest written);
+        CheckpointWriteError if one failed."""
         step, self._writing = self._writing, None
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:
+            finishing.join()
+        failure, self._failure = self._failure, None
         try:
+            if failure is not None:
+                raise failure
             self.manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001
             raise self._write_error(step, err) from err
@@ -137,7 +222,9 @@ def _root_os_error(err: BaseException) -> OSError | None:
 
 
 def restore_params(workdir, step: int | None = None):
-    """(params as host NumPy arrays, step) of a run's checkpoint; latest by default.
+    """(params as host NumPy arrays, step) of a run's checkpoint; by default the newest intact
+    one (damaged newer ones are logged, one line each, and left where they are). A `step`
+    asked for that is damaged is a CheckpointDamagedError naming what is wrong.
 
     Reads the parameters only: the optimizer state stays on disk.
     """
@@ -151,10 +238,17 @@ def restore_params(workdir, step: int | None = None):
         steps = manager.all_steps()
         if not steps:
             raise FileNotFoundError(f"{directory}: no finished checkpoint")
-        step = max(steps) if step is None else step
-        if step not in steps:
+        if step is not None and step not in steps:
             raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; have "
                                     f"{sorted(steps)}")
+        asked, (step, reports) = step, checkpoint_integrity.newest_intact(
+            directory, [step] if step is not None else steps)
+        if step is None:
+            raise CheckpointDamagedError(
+                f"{reports[0]}; other checkpoints: {sorted(set(steps) - {asked})}"
+                if asked is not None else
+                f"{directory}: none of its checkpoints {sorted(steps)} is intact: "
+                f"{'; '.join(reports)}")
         metadata = manager.item_metadata(step)["state"]
         tree = metadata.tree if hasattr(metadata, "tree") else metadata
         target = {"params": jax.tree.map(_host_restore_target, tree["params"])}

@@ -23,13 +23,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import serialization, traverse_util
 
+# Reading a checkpoint's files (checked: locations, file types, headers, config values) lives in
+# hf_files; resolve / read_config / read_weights stay importable from here.
+from valign_jax.hf_files import (HUB_PATTERNS, MSGPACK, PICKLES, SAFETENSORS,  # noqa: F401
+                                 SAFETENSORS_INDEX, MissingTensorError, read_config,
+                                 read_weights, resolve)
 from valign_jax.models import CLIPTextConfig, CLIPVisionConfig, DualEncoder, registry
 from valign_jax.models.config import TowerConfig
 from valign_jax.models.layers import interpolate_patch_positions
@@ -39,85 +43,8 @@ from valign_jax.models.registry import dummy_inputs, tower_for
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS, SAFETENSORS_INDEX, MSGPACK = ("model.safetensors", "model.safetensors.index.json",
-                                           "flax_model.msgpack")
-PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.txt", "*.model"]  # no code, no pickles
-
 # Which model_types load, where their weights sit and which transformers class they save as:
 # the tower families' registrations (models/registry.py), read there.
-
-
-# ---------------------------------------------------------------------------------------------
-# Locating and reading a checkpoint
-# ---------------------------------------------------------------------------------------------
-
-def resolve(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local checkpoint directory, fetching a hub id into huggingface_hub's cache if needed."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        return path
-    name = str(path_or_hub_id)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"{name!r} is not a checkpoint directory (expected a folder with "
-                                f"config.json and {SAFETENSORS} or {MSGPACK})")
-    from huggingface_hub import snapshot_download  # only hub ids need it
-    try:
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
-    except Exception as err:  # offline, unknown id, gated repo: all end the same way for the user
-        raise FileNotFoundError(
-            f"could not get hub id {name!r} ({type(err).__name__}: {str(err)[:200]}). Pass a local "
-            f"directory holding config.json and {SAFETENSORS} or {MSGPACK} instead, or run where "
-            "the hub is reachable once so the cache has it (then HF_HUB_OFFLINE=1 works).") from err
-
-
-def read_config(directory: Path) -> dict:
-    file = directory / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing: every checkpoint directory needs its config.json")
-    with open(file) as f:
-        config = json.load(f)
-    if config.get("auto_map") and str(file) not in _WARNED_REMOTE_CODE:
-        _WARNED_REMOTE_CODE.add(str(file))
-        log.warning("%s names its own modelling code (auto_map: %s); valign_jax never runs it and "
-                    "builds its own %r architecture instead, loading the weights by name and "
-                    "shape. If the checkpoint's code changes the computation, results will differ.",
-                    file, sorted(config["auto_map"]), config.get("model_type"))
-    return config
-
-
-_WARNED_REMOTE_CODE: set[str] = set()  # config.json files already warned about, once each
-
-
-def read_weights(directory: Path) -> tuple[dict[str, np.ndarray], str, Path]:
-    """Flat weights {dotted key: array}, their layout ("pytorch" or "flax") and the file read."""
-    if (directory / SAFETENSORS).is_file() or (directory / SAFETENSORS_INDEX).is_file():
-        from safetensors.numpy import load_file
-        if (directory / SAFETENSORS).is_file():
-            files = [directory / SAFETENSORS]
-        else:
-            with open(directory / SAFETENSORS_INDEX) as f:
-                files = [directory / n for n in sorted(set(json.load(f)["weight_map"].values()))]
-        flat = {}
-        for file in files:
-            flat.update(load_file(file))
-        # transformers' Flax classes can write safetensors too, keeping Flax names.
-        flax_names = any(k.endswith((".kernel", ".scale", ".embedding")) for k in flat)
-        return flat, "flax" if flax_names else "pytorch", files[0]
-    if (directory / MSGPACK).is_file():
-        with open(directory / MSGPACK, "rb") as f:
-            tree = serialization.msgpack_restore(f.read())
-        flat = {".".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
-        return flat, "flax", directory / MSGPACK
-    pickles = [p for p in PICKLES if (directory / p).exists()]
-    if pickles:
-        raise ValueError(
-            f"{directory / pickles[0]} is a pickle, which valign_jax never loads (unpickling can run "
-            "arbitrary code). Convert it once to safetensors where you trust the file, e.g.\n  "
-            f"python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{directory}')"
-            f".save_pretrained('{directory}', safe_serialization=True)\"")
-    raise FileNotFoundError(f"{directory} has no weights: expected {SAFETENSORS}, "
-                            f"{SAFETENSORS_INDEX} or {MSGPACK}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +103,9 @@ def _find_prefix(flat, expected, layout, prefixes, file) -> str:
         if checkpoint_key(first, layout, prefix) in flat:
             return prefix
     sample = sorted(flat)[:5]
-    raise KeyError(f"{file}: found no '{checkpoint_key(first, layout)}' under any of the prefixes "
-                   f"{list(prefixes)}; the file's keys start {sample}. Is this the right model_type?")
+    raise MissingTensorError(
+        f"{file}: found no '{checkpoint_key(first, layout)}' under any of the prefixes "
+        f"{list(prefixes)}; the file's keys start {sample}. Is this the right model_type?")
 
 
 def convert(flat: dict, layout: str, expected: dict, prefix: str, file: Path) -> dict:
@@ -191,8 +119,9 @@ def convert(flat: dict, layout: str, expected: dict, prefix: str, file: Path) ->
                 if key[: -len(leaf)] + alias in flat:
                     key = key[: -len(leaf)] + alias
         if key not in flat:
-            raise KeyError(f"{file} has no tensor '{key}' for parameter '{'/'.join(path)}' "
-                           f"(expected shape {tuple(spec.shape)})")
+            raise MissingTensorError(
+                f"{file} has no tensor '{key}' for parameter '{'/'.join(path)}' "
+                f"(expected shape {tuple(spec.shape)})")
         value = np.asarray(flat[key])
         if layout == "pytorch":
             value = _from_pytorch(path[-1], value)

@@ -242,6 +242,10 @@ def train_dataset(source, collate: Collate, global_batch_size: int, seed: int,
     name = getattr(source, "name", repr(source))
     if len(source) == 0:
         raise ValueError(f"{name}: the source has no records")
+    if len(source) < global_batch_size:
+        log.warning("%s: %d records, fewer than one batch of %d: records repeat within every "
+                    "batch (a contrastive loss then treats the copies of a pair as each other's "
+                    "negatives)", name, len(source), global_batch_size)
     prepare = _Prepare(source, _transform_for(source, transform, "train"), sample_caption=True)
     ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
     ds = ds.random_map(prepare, seed=seed)[index::count]  # per-record rng: global position

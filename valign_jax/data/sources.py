@@ -29,6 +29,14 @@ empty or not a string, a tar member cut short... each keeps its index and raises
 `BrokenRecord` when read; the pipeline drops and counts it. A source without a single usable row
 is an error at open, naming it (checked cheaply: stat calls until one good row is found).
 
+Only regular files are read: a row naming a FIFO, a device or a directory is a broken record
+(asked with `stat`, which never blocks, before anything opens it), never a hang. A pairs file
+may start with a UTF-8 byte order mark (Windows editors write one). A tar shard that cannot be
+indexed to its end (truncated, gzip-compressed, not a tar, not a regular file) keeps the samples
+read before the damage and is listed in the source's `broken_shards` ("<path>: <reason>"); the
+training loop reports their number as `data/broken_shards` (how many samples were lost is not
+knowable: the index stops at the damage).
+
 Paths a dataset names never leave its root (the folder of the pairs file, the class-folder
 directory): a row whose image is `../x.jpg`, an absolute path elsewhere, or a symlink whose
 target lies outside is a broken record with that reason, refused before the file is opened, and
@@ -44,6 +52,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tarfile
 from pathlib import Path
 
@@ -65,10 +74,12 @@ log = logging.getLogger(__name__)
 
 class Source:
     """Random access records. `name` appears in every error; `class_names` is set by
-    classification sources. pipeline.make_source attaches `train_transform` / `eval_transform`
+    classification sources; `broken_shards` by tar sources (the shards that could not be
+    indexed to their end). pipeline.make_source attaches `train_transform` / `eval_transform`
     (records here hold undecoded images)."""
     name: str = ""
     class_names: tuple[str, ...] | None = None
+    broken_shards: tuple[str, ...] | list[str] = ()   # tar shards that could not be indexed
     train_transform = None
     eval_transform = None
 
@@ -105,6 +116,9 @@ def open_source(spec: str, key: str = "source") -> Source:
     if not path.exists():
         raise FileNotFoundError(f"{key}={spec!r}: {path} does not exist; known forms: "
                                 f"{list(KNOWN_FORMS)}")
+    if not path.is_file() and not path.is_dir():
+        raise ValueError(f"{key}={spec!r}: {path} is neither a regular file nor a directory "
+                         f"(a FIFO or a device?); refused without opening it")
     if path.is_file():
         if path.suffix in (".jsonl", ".csv"):
             return PairsSource(path)
@@ -186,7 +200,20 @@ def _read_inside(path: str, real_root: str) -> bytes:
     if not _inside(path, real_root):
         raise BrokenRecord(f"{path}: resolves to {os.path.realpath(path)}, outside the dataset "
                            f"root {real_root}; refused")
+    _check_regular(path)
     return _read_file(path)
+
+
+def _check_regular(path: str) -> None:
+    """BrokenRecord unless `path` is a regular file: a FIFO would block `open` for ever, so
+    `stat` (which never blocks) is asked first."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: _read_file names it
+    if not stat.S_ISREG(mode):
+        raise BrokenRecord(f"{path}: not a regular file (a FIFO, device or directory); "
+                           f"refused without opening it")
 
 
 def _nonempty_file(path: str) -> bool:
@@ -194,6 +221,14 @@ def _nonempty_file(path: str) -> bool:
         return os.stat(path).st_size > 0
     except OSError:
         return False
+
+
+def _end_of_archive(path: str, offset: int) -> bool:
+    """Whether a tar file holds its end-of-archive marker (a zero block) at `offset`."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not any(block)
 
 
 def human(name: str) -> str:
@@ -263,7 +298,9 @@ class PairsSource(Source):
         self.real_root = os.path.realpath(self.root)
         self.outside: list[str] = []   # reasons of the rows refused for leaving the root
         self.rows: list[tuple[str, dict] | str] = []   # (image path, text record) or a reason
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        # utf-8-sig: a byte order mark at the start would otherwise glue itself to the first
+        # JSON line (which then fails to parse) or to the csv header's first column name.
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
             if path.suffix == ".csv":
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
@@ -397,8 +434,13 @@ class TarShardSource(Source):
         self.paths = paths
         keys, columns = [], {k: [] for k in ("shard", "image_at", "image_size", "text_at",
                                               "text_size", "text_json")}
+        self.broken_shards: list[str] = []
         for shard, shard_path in enumerate(paths):
-            for key, members in self._scan(shard_path).items():
+            samples, broken = self._scan(shard_path)
+            if broken:
+                self.broken_shards.append(f"{shard_path}: {broken}")
+                log.warning("%s: %s; its samples from there on are lost", shard_path, broken)
+            for key, members in samples.items():
                 image = next((members[e] for e in TAR_IMAGE_EXTENSIONS if e in members), None)
                 text = members.get("txt") or members.get("json")
                 if image is None and text is None:
@@ -416,16 +458,33 @@ class TarShardSource(Source):
         self._pid = os.getpid()
         if not keys:
             raise ValueError(f"{pattern}: its {len(paths)} shards hold no <key>.<jpg|jpeg|png|webp>"
-                             f" + <key>.<txt|json> samples")
+                             f" + <key>.<txt|json> samples" + (
+                                 f"; broken shards: {self.broken_shards[:3]}"
+                                 if self.broken_shards else ""))
+        if self.broken_shards:
+            log.warning("%s: %d of its %d shards are broken (reported as data/broken_shards), "
+                        "e.g. %s", pattern, len(self.broken_shards), len(paths),
+                        self.broken_shards[0])
         if not any(self._usable(i) for i in range(len(keys))):
             raise ValueError(f"{pattern}: none of its {len(keys)} samples has a non-empty image "
                              f"and a non-empty caption")
 
     @staticmethod
-    def _scan(path: str) -> dict[str, dict[str, tuple[int, int]]]:
-        """key -> {extension: (data offset, size)} from the tar headers of one shard."""
+    def _scan(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], str | None]:
+        """key -> {extension: (data offset, size)} from the tar headers of one shard, and why
+        the shard could not be indexed to its end (None when it could)."""
         samples: dict[str, dict[str, tuple[int, int]]] = {}
         try:
+            info = os.stat(path)
+        except OSError as err:
+            return samples, f"unreadable ({err})"
+        if not stat.S_ISREG(info.st_mode):
+            return samples, "not a regular file (a FIFO, device or directory); not opened"
+        try:
+            with open(path, "rb") as f:
+                if f.read(2) == b"\x1f\x8b":
+                    return samples, ("gzip-compressed; shards must be uncompressed tar files "
+                                     "(gunzip them)")
             with tarfile.open(path, mode="r:") as tar:
                 for member in tar:
                     if not member.isfile():
@@ -436,10 +495,14 @@ class TarShardSource(Source):
                         key = f"{folder}/{stem}" if folder else stem
                         samples.setdefault(key, {})[ext.lower()] = (member.offset_data,
                                                                     member.size)
+                end = tar.offset
+            if end < info.st_size and not _end_of_archive(path, end):
+                # tarfile stops quietly at a header cut short or garbled after the first one
+                return samples, (f"damaged or cut short after {len(samples)} samples (no valid "
+                                 f"header or end-of-archive block at byte {end})")
         except (tarfile.TarError, OSError) as err:
-            log.warning("%s: shard unreadable after %d samples (%s); using those", path,
-                        len(samples), err)
-        return samples
+            return samples, f"unreadable after {len(samples)} samples ({err})"
+        return samples, None
 
     def _usable(self, i: int) -> bool:
         if self.index["image_size"][i] <= 0 or self.index["text_size"][i] <= 0:

@@ -5,6 +5,10 @@
 
 Reads the tokenizer files of a checkpoint directory (or hub id, through hf.resolve); never runs
 remote code. Every batch has exactly `max_length` tokens, so the train step compiles once.
+A directory without tokenizer files (a model saved without its tokenizer) is a
+FileNotFoundError naming the directory and the files it needs, before transformers is asked
+(which would fail with a TypeError about a None path); the files transformers would open must
+be regular files (hf_files.checked_file: a FIFO is refused, never waited on).
 """
 
 from __future__ import annotations
@@ -14,16 +18,27 @@ from typing import Sequence
 import numpy as np
 
 from valign_jax import hf
+from valign_jax.hf_files import checked_file
+
+# A tokenizer is one of these (a fast tokenizer's tokenizer.json; WordPiece's vocab.txt; BPE's
+# vocab.json with merges.txt; a sentencepiece model) ...
+VOCABULARIES = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"),
+                ("spiece.model",), ("sentencepiece.bpe.model",), ("tokenizer.model",))
+# ... plus the settings transformers reads beside it.
+SETTINGS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+            "config.json")
 
 
 class Tokenizer:
     def __init__(self, path_or_hub_id, max_length: int, lower_case: bool = False):
         from transformers import AutoTokenizer  # only the data side needs transformers
         directory = hf.resolve(path_or_hub_id)
+        _check_files(directory)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(f"no usable tokenizer files in {directory} ({err})") from err
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise FileNotFoundError(f"no usable tokenizer files in {directory} "
+                                    f"({type(err).__name__}: {err})") from err
         if max_length < 2:
             raise ValueError(f"max_length={max_length}: need room for at least the special tokens")
         self.max_length = max_length
@@ -41,3 +56,18 @@ class Tokenizer:
                              max_length=self.max_length, return_tensors="np")
         return {"input_ids": out["input_ids"].astype(np.int32),
                 "attention_mask": out["attention_mask"].astype(np.int32)}
+
+
+def _check_files(directory) -> None:
+    """The tokenizer files are there and are regular files; FileNotFoundError naming what is
+    missing otherwise (HFFileError for a FIFO or a file outside the directory)."""
+    present = {name for group in VOCABULARIES for name in group if (directory / name).exists()}
+    for name in sorted(present) + [n for n in SETTINGS if (directory / n).exists()]:
+        checked_file(directory, directory / name)
+    if not any(set(group) <= present for group in VOCABULARIES):
+        wanted = " or ".join(" + ".join(group) for group in VOCABULARIES)
+        found = f" (it has {sorted(present)}, an incomplete set)" if present else ""
+        raise FileNotFoundError(
+            f"no usable tokenizer files in {directory}{found}: a tokenizer needs {wanted}. The "
+            f"checkpoint was saved without its tokenizer: copy the tokenizer files of the model "
+            f"it came from into {directory} (tokenizer.save_pretrained(...) writes them)")
