@@ -348,7 +348,8 @@ def test_a_flax_msgpack_checkpoint_is_counted_too(tmp_path, nothing_built):
     claims 10,000 layers: the msgpack's structure gives the layer count (2) without decoding
     the arrays, and the error comes before any tower is built."""
     from valign_jax.models import BertConfig
-    from valign_jax.models.registry import abstract_params, tower_for
+    from valign_jax.models.layout import abstract_params
+    from valign_jax.models.registry import tower_for
     import jax
     config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=48, max_position_embeddings=16)
