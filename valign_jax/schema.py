@@ -123,6 +123,9 @@ SCHEMA: dict[str, Key] = {
                     "starts from its result"),
     "batch_size": Key(512, "global batch: the losses see negatives from every device",
                       **AT_LEAST_1),
+    "micro_batches": Key(1, "gradient caching: run the towers over the batch in this many "
+                         "chunks, one chunk's activations at a time; the loss, gradients and "
+                         "update stay the whole batch's", **AT_LEAST_1),
     "num_epochs": Key(1.0, "epochs over config.data.train (unless total_steps > 0)"),
     "total_steps": Key(0, "training steps; > 0 overrides num_epochs", **AT_LEAST_0),
     "log_every": Key(50, "steps between training-metric logs", **AT_LEAST_1),
@@ -146,8 +149,8 @@ SCHEMA: dict[str, Key] = {
                           choices=_sigmoid_norms),
     "objective.multi_positive": Key(False, "sigmoid: each image's long caption is a second "
                                     "positive (SAIL)"),
-    "objective.chunked": Key(False, "sigmoid: computed around a ring of devices, never "
-                             "holding all B×B logits"),
+    "objective.chunked": Key(False, "softmax and sigmoid: the loss and its metrics computed "
+                             "around a ring of devices, none holding all B×B logits"),
     "objective.itm_weight": Key(0.0, "fusion models: + this weight × image-text matching on "
                                 "hard negatives", **AT_LEAST_0),
     "objective.itm_negatives": Key(1, "hard negatives drawn per image and per caption for "

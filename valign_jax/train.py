@@ -76,7 +76,8 @@ def make_trainer(config, model, mesh, total_steps: int, objective=None) -> Train
     init_state = jax.jit(lambda p: create_state(p, optimizer, rng), in_shardings=(param_sh,),
                          out_shardings=state_sh)
     step_fn = make_train_step(model, optimizer, labels, objective, config.model.logit_preset,
-                              skip_nonfinite=config.on_nonfinite == "skip")
+                              skip_nonfinite=config.on_nonfinite == "skip",
+                              micro_batches=config.micro_batches, mesh=mesh)
     batch_sh, out_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     # A teacher (the frozen initial model) is a third argument, never a constant baked into
     # the compiled step.
