@@ -189,16 +189,17 @@ def random_params(shapes, seed: int = 0):
 
 
 def compiled_train_step(model, recipe: str, batch, settings=ADAMW, objective=None,
-                        logit_preset: str = "clip", params=None):
+                        logit_preset: str = "clip", params=None, micro_batches: int = 1):
     """Our train step for `model` under a PEFT recipe, jitted with the state donated (as
     train.make_trainer does) and compiled for `batch`; returns (compiled step, state, extra)
     where extra holds the compile seconds and trainable / total parameter counts.
-    With params=None only shapes are used (nothing is allocated): for cost analysis."""
+    With params=None only shapes are used (nothing is allocated): for cost analysis.
+    micro_batches: k > 1 compiles the gradient-caching step (config.micro_batches)."""
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs()))
     labels = peft.make_labels(shapes["params"], recipe)
     optimizer = optim.make_optimizer(settings, labels, total_steps=1000)
     step = make_train_step(model, optimizer, labels, objective or contrastive_objective(),
-                           logit_preset)
+                           logit_preset, micro_batches=micro_batches)
     make_state = jax.jit(lambda p: create_state(p, optimizer, jax.random.PRNGKey(1)))
     if params is None:
         state = jax.eval_shape(make_state, shapes["params"])

@@ -13,19 +13,24 @@ from valign_jax.recipes import load_config
 from conftest import REPO
 
 
-def run_demo(recipe, workdir):
-    train.train_and_evaluate(load_config(f"{REPO}/configs/{recipe}.py:demo"), workdir)
+def run_demo(recipe, workdir, arg="demo"):
+    train.train_and_evaluate(load_config(f"{REPO}/configs/{recipe}.py:{arg}"), workdir)
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     return lines[0], lines[-1]
 
 
-@pytest.mark.parametrize("recipe,floor", [("clip", 0.2), ("siglip", 0.2), ("lilt", 0.1)])
-def test_retrieval_rises_from_step_zero(recipe, floor, tmp_path):
-    start, end = run_demo(recipe, tmp_path)
+@pytest.mark.parametrize("recipe,arg,floor", [
+    ("clip", "demo", 0.2), ("siglip", "demo", 0.2), ("lilt", "demo", 0.1),
+    ("clip", "demo,micro", 0.2),  # each step in 4 micro-batches (gradient caching)
+])
+def test_retrieval_rises_from_step_zero(recipe, arg, floor, tmp_path):
+    start, end = run_demo(recipe, tmp_path, arg)
     assert start["step"] == 0
     for key in ("retrieval/t2i_r1", "retrieval/i2t_r1"):
         assert end[key] >= floor and end[key] >= 2 * start[key], (key, start[key], end[key])
-    if recipe == "clip":  # the README's evaluate command on the README's first run
+    if arg == "demo,micro":
+        assert json.loads((tmp_path / "config.json").read_text())["micro_batches"] == 4
+    if (recipe, arg) == ("clip", "demo"):  # the README's evaluate command on its first run
         check_evaluate_cli(tmp_path, end)
 
 

@@ -398,7 +398,7 @@ def device_problems(config, devices) -> list[str]:
     k, parallel = config.micro_batches, sharding.data_parallel_size(mesh)
     if (config.batch_size // parallel) % k:
         return [f"config.batch_size={config.batch_size} gives each of the {parallel} "
-                f"data-parallel devices (config.mesh data={mesh.shape['data']} × fsdp="
+                f"data-parallel devices (mesh data={mesh.shape['data']} × fsdp="
                 f"{mesh.shape['fsdp']}) {config.batch_size // parallel} rows, which do not split "
                 f"into config.micro_batches={k} micro-batches; choose a batch size that is a "
                 f"multiple of {parallel * k}"]
