@@ -140,6 +140,8 @@ def train_and_evaluate(config, workdir) -> dict:
 
     evaluator = make_evaluator(config, model, mesh, trainer.param_sh, collate, image_size,
                                frozen_towers.cache_dir(config, "eval", workdir) if cached
+                               else None,
+                               frozen_towers.TowerFeatures(config, workdir, mesh) if cached
                                else None)
     log = MetricsLog(workdir, config, total_steps)
     log.writer.write_texts(0, {"parameters": "    " + report.replace("\n", "\n    ")})
