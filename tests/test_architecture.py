@@ -34,7 +34,7 @@ LAYERS = [
     ("data", ["data", "data.*"]),
     ("evaluators", ["evaluation", "evaluation.*"]),
     ("run", ["", "schema", "config_checks", "recipes", "workdir", "logs", "run_setup",
-             "frozen_towers", "workdir_lock", "train", "evaluate", "main"]),
+             "frozen_towers", "workdir_lock", "train", "evaluate", "suite", "main"]),
 ]
 
 
