@@ -7,8 +7,8 @@ SAIL's measure of what the vision side keeps; the probe is fewshot.py's closed-f
 
 `data` is a labelled source (tfds classification data, a class folder, synthetic:shapes) the
 shots are drawn from; `test` the labelled source the probe is scored on. Without `test`, a
-synthetic source is scored on its eval split, and any other is halved by a seeded permutation
-(shots from one half, scored on the other). `limit` reads at most that many usable records of
+synthetic source is scored on its eval split, and any other is halved class by class by a
+seeded permutation (shots from one half, scored on the other). `limit` reads at most that many usable records of
 each (0: all; for synthetic data it is the number of examples drawn, else
 config.data.num_train / num_eval). `shots` (comma-separated k), `seed` (which shots, as
 fewshot.select_shots draws them), `centre` (centre the features on the shots' mean) and
@@ -114,6 +114,21 @@ def _labelled(spec: str, split: str, config, image_size: int, limit: int, key: s
             np.asarray([r["label"] for r in records], np.int64))
 
 
+def halves(labels, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pool rows, test rows): each class's examples in a permutation seeded by (seed, class,
+    1), the first half (rounded up) to the pool, the rest to the test."""
+    labels = np.asarray(labels)
+    pool, test = [], []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        members = members[np.random.default_rng([int(seed), int(c), 1]).permutation(
+            len(members))]
+        cut = -(-len(members) // 2)
+        pool.append(members[:cut])
+        test.append(members[cut:])
+    return np.sort(np.concatenate(pool)), np.sort(np.concatenate(test))
+
+
 def _build(ctx, entry):
     key = f"config.evals.{entry_name(ctx, entry)}"
     config, size = ctx.config, ctx.image_size
@@ -122,11 +137,8 @@ def _build(ctx, entry):
         test = _labelled(entry.test, "eval", config, size, entry.limit, f"{key}.test")
     elif entry.data.startswith("synthetic:"):
         test = _labelled(entry.data, "eval", config, size, entry.limit, f"{key}.data")
-    else:  # halve the one source: shots from the first half of a seeded permutation
-        order = np.random.default_rng([int(entry.seed), len(pool[1])]).permutation(
-            len(pool[1]))
-        half = len(order) // 2
-        pool, test = [tuple(a[part] for a in pool) for part in (order[:half], order[half:])]
+    else:  # halve the one source, class by class: shots from one half, scored on the other
+        pool, test = [tuple(a[part] for a in pool) for part in halves(pool[1], entry.seed)]
     try:
         return FewShotEvaluator(ctx.encoder, ctx.inputs, *pool, *test,
                                 name=dataset_name(entry.data), shots=entry.shots,
