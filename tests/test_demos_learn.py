@@ -59,3 +59,13 @@ def test_fusion_reranking_beats_the_dual_encoder_on_held_out_bindings(tmp_path):
     start, end = run_demo("fusion", tmp_path)
     assert end["retrieval/t2i_r1"] >= 10 * start["retrieval/t2i_r1"]
     assert end["retrieval_reranked/t2i_r1"] > end["retrieval/t2i_r1"], end
+    # Issue 24: the compositional metrics of both scores, at every evaluation; on the swapped
+    # twins (Winoground's form) both end far above chance (1/6 for the group score).
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        for group in ("compositional", "compositional_reranked"):
+            for name in ("accuracy", "text", "image", "group"):
+                assert 0 <= line[f"{group}/relations/{name}"] <= 1, (line["step"], group, name)
+    for group in ("compositional", "compositional_reranked"):
+        assert end[f"{group}/relations/group"] >= 0.5 > start[f"{group}/relations/group"], end
+        assert end[f"{group}/relations/accuracy"] > start[f"{group}/relations/accuracy"]

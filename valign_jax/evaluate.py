@@ -4,9 +4,12 @@
     python -m valign_jax.evaluate --workdir=DIR --zeroshot=tfds:cifar100/test,/data/flowers
     python -m valign_jax.evaluate --hf=openai/clip-vit-base-patch32 \\
         --config=configs/clip_refine.py --out=before.json   # CLIP-Refine's "before"
+    python -m valign_jax.evaluate --workdir=SAIL_RUN --towers   # its towers end to end
+    python -m valign_jax.evaluate --workdir=DIR --suite=suites/classification.json
 
 Writes FILE.json — {"step", "source", "metrics", "ln_shift", "plots"} — and next to it
-FILE_pca.png (image and text features in their first two principal components),
+FILE_pca.png (image and text features along the modality gap, the direction between their
+centroids, and the top principal component of the rest: plots.gap_projection),
 FILE_ln_shift.png (LiLT Fig. 4: how far training moved each layer's LayerNorm) and TensorBoard
 scalars in FILE_tensorboard/. FILE defaults to <workdir>/eval/step_<N>.json.
 
@@ -14,6 +17,11 @@ The metrics are exactly those a training run logs (evaluation/build.py builds bo
 run's own config unless --config (same model, checked) or the flags below change the data; plus
 `ln_shift/<tower>/...` against the run's initial parameters (rebuilt from its config: the seed,
 the tower checkpoints or the run it started from).
+
+--towers: a run that trained from cached features (SAIL) is evaluated with its frozen towers
+rebuilt from its config and its trained heads on top, end to end, rather than from the cache.
+--suite=FILE: the model on each dataset of a suite file (suite.py), one CLIP_benchmark-style
+JSON per dataset and a Markdown table, into --out (a directory).
 """
 
 from __future__ import annotations
