@@ -27,6 +27,7 @@ def test_retrieval_rises_from_step_zero(recipe, floor, tmp_path):
         assert end[key] >= floor and end[key] >= 2 * start[key], (key, start[key], end[key])
     if recipe == "clip":  # the README's evaluate command on the README's first run
         check_evaluate_cli(tmp_path, end)
+        check_fewshot_beats_a_random_tower(tmp_path)
 
 
 def check_evaluate_cli(workdir, logged):
@@ -42,6 +43,30 @@ def check_evaluate_cli(workdir, logged):
             "geometry/uniformity", "ln_shift/image/mean_l1"} <= set(metrics)
     assert (workdir / "eval_pca.png").stat().st_size > 0
     assert (workdir / "eval_ln_shift.png").stat().st_size > 0
+
+
+def check_fewshot_beats_a_random_tower(workdir):
+    """Issue 24: k-shot ridge probes on the image tower's features of the embedded shapes
+    score higher for the trained demo's tower than for the random one it started from."""
+    import ml_collections
+
+    import valign_jax
+    from valign_jax import sharding
+    from valign_jax.evaluation.build import make_evaluator
+    from valign_jax.recipes import eval_entry
+    from valign_jax.run_setup import initial_params, input_setup
+    model, params, config = valign_jax.load_trained(workdir)
+    config.evals = ml_collections.ConfigDict(
+        {"fewshot": eval_entry("fewshot", data="synthetic:shapes", limit=1000)})
+    mesh = sharding.make_mesh(1, 1)
+    param_sh = sharding.tree_shardings(params, mesh, config.mesh.min_fsdp_size)
+    image_size, collate = input_setup(config, model)
+    probe = make_evaluator(config, model, mesh, param_sh, collate, image_size)
+    trained = probe(sharding.put(params, param_sh))
+    random = probe(initial_params(config, model, param_sh))   # the run's step-0 parameters
+    for k in (1, 5, 10):
+        key = f"fewshot/synthetic/{k}shot"
+        assert trained[key] > random[key], (key, trained, random)
 
 
 def test_clip_refine_closes_the_gap_and_keeps_zero_shot(tmp_path):
