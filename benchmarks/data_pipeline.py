@@ -1,16 +1,34 @@
-"""Images per second of the training input pipeline at 224 px, next to an equivalent tf.data
-pipeline, in one run on the same files.
+"""Images per second of the input pipeline at 224 px next to tf.data doing the same work, in one
+run on the same files and the same number of threads.
 
-Both read JPEG files listed in a pairs.jsonl, decode, random-resized-crop (scale 0.2–1, ratio
-3/4–4/3) to 224, flip, normalise, tokenise the caption and batch. Ours additionally runs LiLT's
-geometric RandAugment(2, 7) in one row; the other row turns it off so the two do the same work.
+The files: JPEGs (quality 90) of colour fields with a 1/f amplitude spectrum, the spectrum of
+natural photographs, which compress like them (~4 bits per pixel, as COCO's and ImageNet's
+JPEGs do; flat or smooth fields take ~1 bit and make decoding look cheap). Half are 640×480,
+half 1600×1200 (COCO's originals are that large), listed in a pairs.jsonl.
 
-    python -m benchmarks.data_pipeline [--images=512] [--batches=24] [--threads=2]
+Training (batches of 64 from pipeline.train_dataset vs a tf.data map + batch):
+  tf.data: read, decode_jpeg, stateless_sample_distorted_bounding_box (area 0.2–1, ratio
+      3/4–4/3), crop, bicubic resize to 224, random flip, normalise; the map runs on a private
+      pool of `threads` threads. Its resize does not antialias (tf.image's default), ours does:
+      tf.data does less work per pixel there.
+  ours: the same through grain with `threads` threads; normalised float32 on the host (what the
+      step receives today), or uint8 (normalised on the device: pixels.normalize_on_device);
+      with LiLT's RandAugment(2, 7); with 1 and 2 worker processes.
+Evaluation (every image once): pipeline.eval_records (EvalTransform: shorter side to 224,
+centre crop) vs tf.data decode_jpeg, centre square, bicubic resize, uint8.
+Each row runs twice, the rows taking turns, and keeps its faster run: load from other processes
+on a shared machine then falls on every row alike.
+
+    python -m benchmarks.data_pipeline [--images=512] [--batches=24] [--threads=2] [--split]
+
+--split adds the time per image of each stage (read, decode, crop, resize, flip, augment,
+collate; one thread) and the mean absolute pixel difference of a reduced-scale decode.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -23,47 +41,122 @@ from PIL import Image
 
 BATCH = 64
 SIZE = 224
+SHAPES = ((640, 480), (1600, 1200))   # (width, height), alternating
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The files
+
+
+def _one_over_f_field(rng: np.random.Generator, side: int = 2048) -> np.ndarray:
+    """(side, side, 3) float32, zero mean and unit variance per channel, amplitude ∝ 1/f^1.1;
+    the channels share most of their phases, as the colours of a photograph do."""
+    fy, fx = np.fft.fftfreq(side)[:, None], np.fft.rfftfreq(side)[None, :]
+    frequency = np.hypot(fx, fy)
+    frequency[0, 0] = 1.0
+    amplitude = (frequency ** -1.1).astype(np.float32)
+    shape = (side, side // 2 + 1)
+
+    def noise():
+        return rng.standard_normal(shape, np.float32) + 1j * rng.standard_normal(shape, np.float32)
+
+    shared, channels = noise(), []
+    for _ in range(3):
+        x = np.fft.irfft2((0.8 * shared + 0.6 * noise()) * amplitude, s=(side, side))
+        channels.append(((x - x.mean()) / x.std()).astype(np.float32))
+    return np.stack(channels, -1)
+
+
+def photo_like_jpegs(count: int, seed: int = 0):
+    """`count` (width, height, JPEG bytes): crops of one 1/f field with their own colour gains
+    and offsets, sizes alternating through SHAPES."""
+    rng = np.random.default_rng(seed)
+    field = _one_over_f_field(rng)
+    for i in range(count):
+        width, height = SHAPES[i % len(SHAPES)]
+        top, left = rng.integers(0, len(field) - height), rng.integers(0, len(field) - width)
+        gain, mid = rng.uniform(35, 60, 3), rng.uniform(90, 170, 3)
+        pixels = field[top:top + height, left:left + width] * gain.astype(np.float32) + mid
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG",
+                                                                       quality=90)
+        yield width, height, buffer.getvalue()
 
 
 def write_dataset(directory: Path, count: int) -> Path:
-    """`count` 640×480 JPEGs of smooth random colour fields, and their pairs.jsonl."""
-    rng = np.random.default_rng(0)
+    """`count` photo-like JPEGs and their pairs.jsonl."""
     rows = []
-    for i in range(count):
-        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((640, 480), Image.BILINEAR).save(
-            directory / f"{i}.jpg", quality=90)
+    for i, (_, _, data) in enumerate(photo_like_jpegs(count)):
+        (directory / f"{i}.jpg").write_bytes(data)
         rows.append({"image": f"{i}.jpg", "caption": f"a photo number {i} of a thing"})
     path = directory / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
 
-def ours(pairs: Path, batches: int, threads: int, randaugment: bool, workers: int) -> float:
+# ---------------------------------------------------------------------------------------------
+# Ours
+
+
+def ours(pairs: Path, batches: int, threads: int, randaugment: bool = False, workers: int = 0,
+         on_device: bool = False) -> float:
+    """Images per second of pipeline.train_dataset, after its first batch."""
     import ml_collections
 
     from valign_jax.data import pipeline, synthetic
     data = ml_collections.ConfigDict(dict(
         augment={"randaugment_ops": 2 if randaugment else 0}, num_train=0, num_eval=0, seed=0))
     source = pipeline.make_source(str(pairs), "train", data, SIZE, "benchmark")
-    collate = pipeline.Collate(synthetic.WordTokenizer(16), (0.5,) * 3, (0.5,) * 3)
+    collate = pipeline.Collate(synthetic.WordTokenizer(16), MEAN, STD,
+                               normalize_on_host=not on_device)
     stream = iter(pipeline.train_dataset(source, collate, BATCH, seed=0, threads=threads,
                                          num_workers=workers))
-    next(stream)  # start-up (threads, worker processes) is not throughput
+    try:
+        next(stream)  # start-up (threads, worker processes) is not throughput
+        start = time.perf_counter()
+        for _ in range(batches):
+            batch = next(stream)
+            assert batch["pixel_values"].shape == (BATCH, SIZE, SIZE, 3)
+        return batches * BATCH / (time.perf_counter() - start)
+    finally:
+        if hasattr(stream, "close"):
+            stream.close()
+
+
+def ours_eval(pairs: Path, threads: int) -> float:
+    """Images per second of pipeline.eval_records over every image of `pairs`."""
+    import ml_collections
+
+    from valign_jax.data import pipeline
+    data = ml_collections.ConfigDict(dict(num_train=0, num_eval=0, seed=0))
+    source = pipeline.make_source(str(pairs), "eval", data, SIZE, "benchmark")
     start = time.perf_counter()
-    for _ in range(batches):
-        batch = next(stream)
-        assert batch["pixel_values"].shape == (BATCH, SIZE, SIZE, 3)
-    return batches * BATCH / (time.perf_counter() - start)
+    records = pipeline.eval_records(source, threads=threads).records
+    assert records[0]["image"].shape == (SIZE, SIZE, 3)
+    return len(records) / (time.perf_counter() - start)
 
 
-def tf_data(pairs: Path, batches: int, threads: int) -> float:
+# ---------------------------------------------------------------------------------------------
+# tf.data
+
+
+def _tf_files(pairs: Path, threads: int):
     import tensorflow as tf
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-    files = [str(pairs.parent / r["image"]) for r in rows]
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    return [str(pairs.parent / r["image"]) for r in rows], rows, options
+
+
+def tf_data(pairs: Path, batches: int, threads: int) -> float:
+    """Images per second of the tf.data training reference, after its first batch."""
+    import tensorflow as tf
+
     from valign_jax.data import synthetic
+    files, rows, options = _tf_files(pairs, threads)
     tokens = synthetic.WordTokenizer(16)([r["caption"] for r in rows])["input_ids"]
 
     def load(path, ids, seed):
@@ -74,13 +167,13 @@ def tf_data(pairs: Path, batches: int, threads: int) -> float:
             use_image_if_no_bounding_boxes=True)
         image = tf.image.resize(tf.slice(image, begin, size), (SIZE, SIZE), "bicubic")
         image = tf.image.stateless_random_flip_left_right(image, seed)
-        return (image / 255.0 - 0.5) / 0.5, ids
+        return (image / 255.0 - MEAN[0]) / STD[0], ids
 
     seeds = tf.data.Dataset.random(seed=0).batch(2)
     ds = tf.data.Dataset.from_tensor_slices((files, tokens)).shuffle(len(files), seed=0).repeat()
     ds = tf.data.Dataset.zip((ds, seeds)).map(lambda x, s: load(x[0], x[1], s),
                                               num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(BATCH, drop_remainder=True).prefetch(2)
+    ds = ds.batch(BATCH, drop_remainder=True).prefetch(2).with_options(options)
     stream = iter(ds.as_numpy_iterator())
     next(stream)
     start = time.perf_counter()
@@ -90,24 +183,151 @@ def tf_data(pairs: Path, batches: int, threads: int) -> float:
     return batches * BATCH / (time.perf_counter() - start)
 
 
+def tf_eval(pairs: Path, threads: int) -> float:
+    """Images per second of tf.data's evaluation preprocessing over every image of `pairs`."""
+    import tensorflow as tf
+    files, _, options = _tf_files(pairs, threads)
+
+    def load(path):
+        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
+        side = tf.minimum(height, width)
+        image = tf.slice(image, [(height - side) // 2, (width - side) // 2, 0], [side, side, 3])
+        image = tf.image.resize(image, (SIZE, SIZE), "bicubic")
+        return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+    ds = tf.data.Dataset.from_tensor_slices(files).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(BATCH).prefetch(2).with_options(options)
+    start, count = time.perf_counter(), 0
+    for images in ds.as_numpy_iterator():
+        count += len(images)
+    return count / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# All rows, in turns
+
+
+def rates(pairs: Path, eval_pairs: Path, batches: int, threads: int, rounds: int = 2) -> dict:
+    """Images per second of every row, each the best of `rounds` runs taken in turns."""
+    rows = {
+        "tf.data (crop, flip)": lambda: tf_data(pairs, batches, threads),
+        "ours (crop, flip), float32": lambda: ours(pairs, batches, threads),
+        "ours (crop, flip), uint8": lambda: ours(pairs, batches, threads, on_device=True),
+        "ours (crop, flip, RandAugment), float32": lambda: ours(pairs, batches, threads, True),
+        "ours (crop, flip, RandAugment), uint8": lambda: ours(pairs, batches, threads, True,
+                                                               on_device=True),
+        "ours (crop, flip, RandAugment), uint8, 1 worker process": lambda: ours(
+            pairs, batches, threads, True, workers=1, on_device=True),
+        "ours (crop, flip, RandAugment), uint8, 2 worker processes": lambda: ours(
+            pairs, batches, threads, True, workers=2, on_device=True),
+        "tf.data eval (centre crop, resize)": lambda: tf_eval(eval_pairs, threads),
+        "ours eval (centre crop, resize)": lambda: ours_eval(eval_pairs, threads),
+    }
+    best = {name: 0.0 for name in rows}
+    for _ in range(rounds):
+        for name, run in rows.items():
+            best[name] = max(best[name], run())
+    return best
+
+
+def eval_listing(pairs: Path, count: int) -> Path:
+    """A pairs file naming the images of `pairs` in turn until it has `count` rows."""
+    rows = pairs.read_text().splitlines()
+    path = pairs.with_name("eval_pairs.jsonl")
+    path.write_text("\n".join(rows[i % len(rows)] for i in range(count)))
+    return path
+
+
 def measure(images: int, batches: int, threads: int) -> dict:
-    """`data_pipeline_vs_tf_data_images_per_s_ratio` for benchmarks.run: ours (crop, flip,
-    threads) over tf.data doing the same work on the same files."""
+    """The data group's figures for benchmarks.run (all measured in this one run)."""
     from benchmarks import common
+    names = ("data_pipeline_vs_tf_data_images_per_s_ratio",
+             "data_pipeline_randaugment_vs_tf_data_images_per_s_ratio",
+             "eval_transform_vs_tf_data_images_per_s_ratio",
+             "data_pipeline_1_worker_images_per_s", "data_pipeline_2_workers_images_per_s")
     try:
         import grain  # noqa: F401
         import tensorflow  # noqa: F401
     except ImportError as err:
-        return {"data_pipeline_vs_tf_data_images_per_s_ratio": common.skipped(
-            f"the data stack is not installed ({err})")}
+        return {name: common.skipped(f"the data stack is not installed ({err})") for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         pairs = write_dataset(Path(tmp), images)
-        reference = tf_data(pairs, batches, threads)
-        rate = ours(pairs, batches, threads, False, 0)
-    return {"data_pipeline_vs_tf_data_images_per_s_ratio": common.figure(
-        rate / reference, sizes={"images": images, "batches": batches, "batch": BATCH,
-                                 "size": SIZE, "threads": threads},
-        images_per_s={"valign_jax grain (crop, flip)": rate, "tf.data (crop, flip)": reference})}
+        r = rates(pairs, eval_listing(pairs, batches * BATCH), batches, threads)
+    sizes = {"images": images, "shapes": [list(s) for s in SHAPES], "batches": batches,
+             "batch": BATCH, "size": SIZE, "threads": threads, "rounds": 2}
+    reference = r["tf.data (crop, flip)"]
+    workers = "ours (crop, flip, RandAugment), uint8, {}"
+    return {
+        names[0]: common.figure(r["ours (crop, flip), float32"] / reference, ">= 1.0",
+                                sizes=sizes, images_per_s=r),
+        names[1]: common.figure(r["ours (crop, flip, RandAugment), float32"] / reference,
+                                ">= 0.8", sizes=sizes),
+        names[2]: common.figure(r["ours eval (centre crop, resize)"]
+                                / r["tf.data eval (centre crop, resize)"], ">= 1.0", sizes=sizes),
+        names[3]: common.figure(r[workers.format("1 worker process")], sizes=sizes),
+        names[4]: common.figure(r[workers.format("2 worker processes")], sizes=sizes),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the time goes
+
+
+def stage_split(pairs: Path, limit: int = 64) -> dict:
+    """Milliseconds per image of each stage of the training transform (RandAugment included)
+    and of the collate step, one thread, over the first `limit` images of `pairs`."""
+    from valign_jax.data import pipeline, synthetic, transforms
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()][:limit]
+    files = [str(pairs.parent / r["image"]) for r in rows]
+    stages = dict.fromkeys(("read", "decode", "crop", "resize", "flip", "augment",
+                            "collate float32", "collate uint8"), 0.0)
+
+    def timed(stage, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        stages[stage] += time.perf_counter() - start
+        return out
+
+    done = []
+    for i, file in enumerate(files):
+        rng = np.random.default_rng(i)
+        data = timed("read", Path(file).read_bytes)
+        image = timed("decode", transforms.open_image, data)
+        box = timed("crop", lambda: transforms.random_resized_crop_box(
+            *transforms.upright_size(image), rng))
+        image, box = timed("decode", transforms.decode_box, image, box, SIZE)
+        image = timed("resize", image.resize, (SIZE, SIZE), transforms.RESAMPLE, box)
+        image = timed("flip", image.transpose, Image.Transpose.FLIP_LEFT_RIGHT)
+        image = timed("augment", transforms.rand_augment, image, rng)
+        done.append({"image": np.asarray(image), "caption": rows[i]["caption"]})
+    tokenizer = synthetic.WordTokenizer(16)
+    for on_host, stage in ((True, "collate float32"), (False, "collate uint8")):
+        collate = pipeline.Collate(tokenizer, MEAN, STD, normalize_on_host=on_host)
+        timed(stage, collate, done)
+    return {k: 1e3 * v / len(files) for k, v in stages.items()}
+
+
+def reduced_decode_error(count: int = 32) -> dict:
+    """Mean absolute difference (of 255) between a reduced-scale and a full decode of the same
+    random crop box, resized to SIZE, by reduction factor, over `count` of the benchmark's
+    images and 8 boxes each."""
+    from valign_jax.data import transforms
+    errors: dict[int, list] = {}
+    for i, (width, height, data) in enumerate(photo_like_jpegs(count, seed=1)):
+        rng = np.random.default_rng(i)
+        for _ in range(8):
+            box = transforms.random_resized_crop_box(width, height, rng)
+            factor = transforms.reduction_factor(box, SIZE)
+            out = []
+            for reduced in (True, False):
+                image, mapped = transforms.decode_box(transforms.open_image(data), box, SIZE,
+                                                      reduced)
+                out.append(np.asarray(image.resize((SIZE, SIZE), transforms.RESAMPLE,
+                                                   mapped), np.float32))
+            errors.setdefault(factor, []).append(float(np.abs(out[0] - out[1]).mean()))
+    return {f"factor {f}": {"crops": len(e), "mean": float(np.mean(e)), "max": float(np.max(e))}
+            for f, e in sorted(errors.items())}
 
 
 def main():
@@ -115,23 +335,26 @@ def main():
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batches", type=int, default=24)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--split", action="store_true", help="stage times and pixel error too")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         pairs = write_dataset(Path(tmp), args.images)
-        results = {
-            "tf.data (crop, flip)": tf_data(pairs, args.batches, args.threads),
-            "valign_jax grain, threads (crop, flip)": ours(pairs, args.batches, args.threads,
-                                                           False, 0),
-            "valign_jax grain, threads (crop, flip, RandAugment)": ours(
-                pairs, args.batches, args.threads, True, 0),
-            f"valign_jax grain, {args.threads} worker processes (crop, flip, RandAugment)": ours(
-                pairs, args.batches, args.threads, True, args.threads),
-        }
-    reference = results["tf.data (crop, flip)"]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; batch {BATCH}, {SIZE} px")
+        results = rates(pairs, eval_listing(pairs, args.batches * BATCH), args.batches,
+                        args.threads)
+        split = stage_split(pairs) if args.split else None
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}; "
+          f"batch {BATCH}, {SIZE} px, {args.threads} threads, {args.images} images "
+          f"({' and '.join(f'{w}x{h}' for w, h in SHAPES)})")
+    train_reference = results["tf.data (crop, flip)"]
+    eval_reference = results["tf.data eval (centre crop, resize)"]
     print("| pipeline | images/s | vs tf.data |\n| --- | --- | --- |")
     for name, rate in results.items():
+        reference = eval_reference if "eval" in name else train_reference
         print(f"| {name} | {rate:.0f} | {rate / reference:.2f} |")
+    if split:
+        print("ms per image (one thread):", {k: round(v, 3) for k, v in split.items()})
+        print("reduced-scale decode vs full decode, |difference| of 255:",
+              json.dumps(reduced_decode_error()))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,11 @@ GROUPS = {
     "compile_time": ("scan_vs_unrolled_compile_speedup",),
     "sigmoid_memory": ("chunked_vs_gathered_sigmoid_peak_memory_ratio",),
     "sail": ("cached_vs_end_to_end_pairs_per_s_ratio",),
-    "data_pipeline": ("data_pipeline_vs_tf_data_images_per_s_ratio",),
+    "data_pipeline": ("data_pipeline_vs_tf_data_images_per_s_ratio",
+                      "data_pipeline_randaugment_vs_tf_data_images_per_s_ratio",
+                      "eval_transform_vs_tf_data_images_per_s_ratio",
+                      "data_pipeline_1_worker_images_per_s",
+                      "data_pipeline_2_workers_images_per_s"),
 }
 C, S = common.ClipSizes, sail_throughput.SailSizes
 MODES = {
