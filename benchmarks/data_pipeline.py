@@ -4,13 +4,14 @@ run on the same files and the same number of threads.
 The files: JPEGs (quality 90) of colour fields with a 1/f amplitude spectrum, the spectrum of
 natural photographs, which compress like them (~4 bits per pixel, as COCO's and ImageNet's
 JPEGs do; flat or smooth fields take ~1 bit and make decoding look cheap). Half are 640×480,
-half 1600×1200 (COCO's originals are that large), listed in a pairs.jsonl.
+half 1600×1200 (COCO's originals are that large), named in turn by the 16,384 rows of a
+pairs.jsonl (a real dataset's length: see ROWS).
 
 Training (batches of 64 from pipeline.train_dataset vs a tf.data map + batch):
   tf.data: read, decode_jpeg, stateless_sample_distorted_bounding_box (area 0.2–1, ratio
-      3/4–4/3), crop, bicubic resize to 224, random flip, normalise; the map runs on a private
-      pool of `threads` threads. Its resize does not antialias (tf.image's default), ours does:
-      tf.data does less work per pixel there.
+      3/4–4/3), crop, bicubic resize to 224 with antialiasing (as PIL's bicubic resize does:
+      the same work; one more row shows tf.image's default, which skips it and aliases), random
+      flip, normalise; the map runs on a private pool of `threads` threads.
   ours: the same through grain with `threads` threads; normalised float32 on the host (what the
       step receives today), or uint8 (normalised on the device: pixels.normalize_on_device);
       with LiLT's RandAugment(2, 7); with 1 and 2 worker processes.
@@ -43,6 +44,10 @@ BATCH = 64
 SIZE = 224
 SHAPES = ((640, 480), (1600, 1200))   # (width, height), alternating
 MEAN = STD = (0.5, 0.5, 0.5)
+# Rows of the pairs file (naming the images in turn): grain's index shuffle costs 2.7 ms per
+# record over a 16-row source, 0.37 ms over 128 rows and 5 µs over 16k and more, with the GIL
+# held; a dataset of a few hundred rows would measure grain's shuffle, not the pipeline.
+ROWS = 16384
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,15 +89,54 @@ def photo_like_jpegs(count: int, seed: int = 0):
         yield width, height, buffer.getvalue()
 
 
-def write_dataset(directory: Path, count: int) -> Path:
-    """`count` photo-like JPEGs and their pairs.jsonl."""
-    rows = []
+def write_dataset(directory: Path, count: int, rows: int = ROWS) -> Path:
+    """`count` photo-like JPEGs and a pairs.jsonl of `rows` rows naming them in turn."""
     for i, (_, _, data) in enumerate(photo_like_jpegs(count)):
         (directory / f"{i}.jpg").write_bytes(data)
-        rows.append({"image": f"{i}.jpg", "caption": f"a photo number {i} of a thing"})
     path = directory / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
+    path.write_text("\n".join(json.dumps({"image": f"{i % count}.jpg",
+                                          "caption": f"a photo number {i} of a thing"})
+                              for i in range(max(rows, count))))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing: wall clock and CPU time
+
+
+class Clock:
+    """Wall seconds and CPU seconds (this process's threads and its worker processes) between
+    start() and stop(): images per CPU-second is what a pipeline gets out of one core, and on
+    a machine shared with other jobs it moves far less than images per second do."""
+
+    def __init__(self):
+        try:
+            import psutil
+            self._process = psutil.Process()
+        except ImportError:  # then this process's own CPU time only
+            self._process = None
+
+    def _cpu(self) -> dict:
+        if self._process is None:
+            t = os.times()
+            return {os.getpid(): t.user + t.system}
+        out = {}
+        for proc in [self._process, *self._process.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                out[proc.pid] = t.user + t.system
+            except Exception:  # a child that ended meanwhile
+                pass
+        return out
+
+    def start(self):
+        self.wall, self.cpu = time.perf_counter(), self._cpu()
+
+    def stop(self, images: int) -> dict:
+        wall, cpu = time.perf_counter() - self.wall, self._cpu()
+        used = sum(t - self.cpu.get(pid, 0.0) for pid, t in cpu.items())
+        return {"images": images, "images_per_s": images / wall,
+                "images_per_cpu_s": images / max(used, 1e-9)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,8 +144,8 @@ def write_dataset(directory: Path, count: int) -> Path:
 
 
 def ours(pairs: Path, batches: int, threads: int, randaugment: bool = False, workers: int = 0,
-         on_device: bool = False) -> float:
-    """Images per second of pipeline.train_dataset, after its first batch."""
+         on_device: bool = False) -> dict:
+    """Clock.stop's rates of pipeline.train_dataset over `batches` batches after its first."""
     import ml_collections
 
     from valign_jax.data import pipeline, synthetic
@@ -114,27 +158,29 @@ def ours(pairs: Path, batches: int, threads: int, randaugment: bool = False, wor
                                          num_workers=workers))
     try:
         next(stream)  # start-up (threads, worker processes) is not throughput
-        start = time.perf_counter()
+        clock = Clock()
+        clock.start()
         for _ in range(batches):
             batch = next(stream)
             assert batch["pixel_values"].shape == (BATCH, SIZE, SIZE, 3)
-        return batches * BATCH / (time.perf_counter() - start)
+        return clock.stop(batches * BATCH)
     finally:
         if hasattr(stream, "close"):
             stream.close()
 
 
-def ours_eval(pairs: Path, threads: int) -> float:
-    """Images per second of pipeline.eval_records over every image of `pairs`."""
+def ours_eval(pairs: Path, threads: int) -> dict:
+    """Clock.stop's rates of pipeline.eval_records over every row of `pairs`."""
     import ml_collections
 
     from valign_jax.data import pipeline
     data = ml_collections.ConfigDict(dict(num_train=0, num_eval=0, seed=0))
     source = pipeline.make_source(str(pairs), "eval", data, SIZE, "benchmark")
-    start = time.perf_counter()
+    clock = Clock()
+    clock.start()
     records = pipeline.eval_records(source, threads=threads).records
     assert records[0]["image"].shape == (SIZE, SIZE, 3)
-    return len(records) / (time.perf_counter() - start)
+    return clock.stop(len(records))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,8 +197,8 @@ def _tf_files(pairs: Path, threads: int):
     return [str(pairs.parent / r["image"]) for r in rows], rows, options
 
 
-def tf_data(pairs: Path, batches: int, threads: int) -> float:
-    """Images per second of the tf.data training reference, after its first batch."""
+def tf_data(pairs: Path, batches: int, threads: int, antialias: bool = True) -> dict:
+    """Clock.stop's rates of the tf.data training reference over `batches` after its first."""
     import tensorflow as tf
 
     from valign_jax.data import synthetic
@@ -165,7 +211,8 @@ def tf_data(pairs: Path, batches: int, threads: int) -> float:
             tf.shape(image), tf.zeros([1, 0, 4]), seed=seed, area_range=(0.2, 1.0),
             aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.0,
             use_image_if_no_bounding_boxes=True)
-        image = tf.image.resize(tf.slice(image, begin, size), (SIZE, SIZE), "bicubic")
+        image = tf.image.resize(tf.slice(image, begin, size), (SIZE, SIZE), "bicubic",
+                                antialias=antialias)
         image = tf.image.stateless_random_flip_left_right(image, seed)
         return (image / 255.0 - MEAN[0]) / STD[0], ids
 
@@ -176,15 +223,17 @@ def tf_data(pairs: Path, batches: int, threads: int) -> float:
     ds = ds.batch(BATCH, drop_remainder=True).prefetch(2).with_options(options)
     stream = iter(ds.as_numpy_iterator())
     next(stream)
-    start = time.perf_counter()
+    clock = Clock()
+    clock.start()
     for _ in range(batches):
         images, _ = next(stream)
         assert images.shape == (BATCH, SIZE, SIZE, 3)
-    return batches * BATCH / (time.perf_counter() - start)
+    return clock.stop(batches * BATCH)
 
 
-def tf_eval(pairs: Path, threads: int) -> float:
-    """Images per second of tf.data's evaluation preprocessing over every image of `pairs`."""
+def tf_eval(pairs: Path, threads: int) -> dict:
+    """Clock.stop's rates of tf.data's evaluation preprocessing over every row of `pairs` but
+    the first batch's (its start-up: tracing the map function)."""
     import tensorflow as tf
     files, _, options = _tf_files(pairs, threads)
 
@@ -193,15 +242,18 @@ def tf_eval(pairs: Path, threads: int) -> float:
         height, width = tf.shape(image)[0], tf.shape(image)[1]
         side = tf.minimum(height, width)
         image = tf.slice(image, [(height - side) // 2, (width - side) // 2, 0], [side, side, 3])
-        image = tf.image.resize(image, (SIZE, SIZE), "bicubic")
+        image = tf.image.resize(image, (SIZE, SIZE), "bicubic", antialias=True)
         return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
     ds = tf.data.Dataset.from_tensor_slices(files).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(BATCH).prefetch(2).with_options(options)
-    start, count = time.perf_counter(), 0
-    for images in ds.as_numpy_iterator():
+    stream = iter(ds.as_numpy_iterator())
+    next(stream)
+    clock, count = Clock(), 0
+    clock.start()
+    for images in stream:
         count += len(images)
-    return count / (time.perf_counter() - start)
+    return clock.stop(count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,9 +261,12 @@ def tf_eval(pairs: Path, threads: int) -> float:
 
 
 def rates(pairs: Path, eval_pairs: Path, batches: int, threads: int, rounds: int = 2) -> dict:
-    """Images per second of every row, each the best of `rounds` runs taken in turns."""
+    """Images per second and per CPU-second of every row, each the best of `rounds` runs taken
+    in turns."""
     rows = {
         "tf.data (crop, flip)": lambda: tf_data(pairs, batches, threads),
+        "tf.data (crop, flip), resize without antialiasing": lambda: tf_data(
+            pairs, batches, threads, antialias=False),
         "ours (crop, flip), float32": lambda: ours(pairs, batches, threads),
         "ours (crop, flip), uint8": lambda: ours(pairs, batches, threads, on_device=True),
         "ours (crop, flip, RandAugment), float32": lambda: ours(pairs, batches, threads, True),
@@ -224,22 +279,23 @@ def rates(pairs: Path, eval_pairs: Path, batches: int, threads: int, rounds: int
         "tf.data eval (centre crop, resize)": lambda: tf_eval(eval_pairs, threads),
         "ours eval (centre crop, resize)": lambda: ours_eval(eval_pairs, threads),
     }
-    best = {name: 0.0 for name in rows}
+    best = {name: {"images_per_s": 0.0, "images_per_cpu_s": 0.0} for name in rows}
     for _ in range(rounds):
         for name, run in rows.items():
-            best[name] = max(best[name], run())
+            result = run()
+            for key, value in best[name].items():
+                best[name][key] = max(value, result[key])
     return best
 
 
 def eval_listing(pairs: Path, count: int) -> Path:
-    """A pairs file naming the images of `pairs` in turn until it has `count` rows."""
-    rows = pairs.read_text().splitlines()
+    """A pairs file of the first `count` rows of `pairs`."""
     path = pairs.with_name("eval_pairs.jsonl")
-    path.write_text("\n".join(rows[i % len(rows)] for i in range(count)))
+    path.write_text("\n".join(pairs.read_text().splitlines()[:count]))
     return path
 
 
-def measure(images: int, batches: int, threads: int) -> dict:
+def measure(images: int, batches: int, threads: int, rounds: int = 2) -> dict:
     """The data group's figures for benchmarks.run (all measured in this one run)."""
     from benchmarks import common
     names = ("data_pipeline_vs_tf_data_images_per_s_ratio",
@@ -253,20 +309,29 @@ def measure(images: int, batches: int, threads: int) -> dict:
         return {name: common.skipped(f"the data stack is not installed ({err})") for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         pairs = write_dataset(Path(tmp), images)
-        r = rates(pairs, eval_listing(pairs, batches * BATCH), batches, threads)
-    sizes = {"images": images, "shapes": [list(s) for s in SHAPES], "batches": batches,
-             "batch": BATCH, "size": SIZE, "threads": threads, "rounds": 2}
-    reference = r["tf.data (crop, flip)"]
+        r = rates(pairs, eval_listing(pairs, batches * BATCH), batches, threads, rounds)
+    sizes = {"images": images, "rows": ROWS, "shapes": [list(s) for s in SHAPES],
+             "batches": batches, "batch": BATCH, "size": SIZE, "threads": threads,
+             "rounds": rounds}
+
+    def ratio(ours_row, reference_row, goal, **details):
+        rate = {k: r[ours_row][k] / r[reference_row][k] for k in r[ours_row]}
+        return common.figure(rate["images_per_s"], goal, sizes=sizes, rows=[ours_row,
+                             reference_row], per_cpu_s_ratio=rate["images_per_cpu_s"], **details)
+
+    # The training rows compared are the uint8 ones: the batch the step normalises on the device
+    # (pixels.normalize_on_device); the float32 rows, host-normalised, are in `rates` too.
     workers = "ours (crop, flip, RandAugment), uint8, {}"
     return {
-        names[0]: common.figure(r["ours (crop, flip), float32"] / reference, ">= 1.0",
-                                sizes=sizes, images_per_s=r),
-        names[1]: common.figure(r["ours (crop, flip, RandAugment), float32"] / reference,
-                                ">= 0.8", sizes=sizes),
-        names[2]: common.figure(r["ours eval (centre crop, resize)"]
-                                / r["tf.data eval (centre crop, resize)"], ">= 1.0", sizes=sizes),
-        names[3]: common.figure(r[workers.format("1 worker process")], sizes=sizes),
-        names[4]: common.figure(r[workers.format("2 worker processes")], sizes=sizes),
+        names[0]: ratio("ours (crop, flip), uint8", "tf.data (crop, flip)", ">= 1.0", rates=r),
+        names[1]: ratio("ours (crop, flip, RandAugment), uint8", "tf.data (crop, flip)",
+                        ">= 0.8"),
+        names[2]: ratio("ours eval (centre crop, resize)", "tf.data eval (centre crop, resize)",
+                        ">= 1.0"),
+        names[3]: common.figure(r[workers.format("1 worker process")]["images_per_s"],
+                                sizes=sizes, **r[workers.format("1 worker process")]),
+        names[4]: common.figure(r[workers.format("2 worker processes")]["images_per_s"],
+                                sizes=sizes, **r[workers.format("2 worker processes")]),
     }
 
 
@@ -276,36 +341,47 @@ def measure(images: int, batches: int, threads: int) -> dict:
 
 def stage_split(pairs: Path, limit: int = 64) -> dict:
     """Milliseconds per image of each stage of the training transform (RandAugment included)
-    and of the collate step, one thread, over the first `limit` images of `pairs`."""
+    and of collating, one thread, over the first `limit` images of `pairs`: for each image
+    size, and over all."""
     from valign_jax.data import pipeline, synthetic, transforms
     rows = [json.loads(line) for line in pairs.read_text().splitlines()][:limit]
-    files = [str(pairs.parent / r["image"]) for r in rows]
-    stages = dict.fromkeys(("read", "decode", "crop", "resize", "flip", "augment",
-                            "collate float32", "collate uint8"), 0.0)
+    stages = ("read", "decode", "crop", "resize", "flip", "augment")
+    times = {}   # "WxH" -> stage -> [seconds per image]
 
-    def timed(stage, fn, *args):
+    def timed(into, stage, fn, *args):
         start = time.perf_counter()
         out = fn(*args)
-        stages[stage] += time.perf_counter() - start
+        into[stage] = into.get(stage, 0.0) + time.perf_counter() - start
         return out
 
-    done = []
-    for i, file in enumerate(files):
-        rng = np.random.default_rng(i)
-        data = timed("read", Path(file).read_bytes)
-        image = timed("decode", transforms.open_image, data)
-        box = timed("crop", lambda: transforms.random_resized_crop_box(
+    records = []
+    for i, row in enumerate(rows):
+        rng, spent = np.random.default_rng(i), {}
+        data = timed(spent, "read", (pairs.parent / row["image"]).read_bytes)
+        image = timed(spent, "decode", transforms.open_image, data)
+        shape = "x".join(map(str, image.size))
+        box = timed(spent, "crop", lambda: transforms.random_resized_crop_box(
             *transforms.upright_size(image), rng))
-        image, box = timed("decode", transforms.decode_box, image, box, SIZE)
-        image = timed("resize", image.resize, (SIZE, SIZE), transforms.RESAMPLE, box)
-        image = timed("flip", image.transpose, Image.Transpose.FLIP_LEFT_RIGHT)
-        image = timed("augment", transforms.rand_augment, image, rng)
-        done.append({"image": np.asarray(image), "caption": rows[i]["caption"]})
+        image, box = timed(spent, "decode", transforms.decode_box, image, box, SIZE)
+        image = timed(spent, "resize", image.resize, (SIZE, SIZE), transforms.RESAMPLE, box)
+        image = timed(spent, "flip", image.transpose, Image.Transpose.FLIP_LEFT_RIGHT)
+        image = timed(spent, "augment", transforms.rand_augment, image, rng)
+        records.append({"image": np.asarray(image), "caption": row["caption"]})
+        for stage in stages:
+            times.setdefault(shape, {}).setdefault(stage, []).append(spent[stage])
+    collated = {}
     tokenizer = synthetic.WordTokenizer(16)
     for on_host, stage in ((True, "collate float32"), (False, "collate uint8")):
         collate = pipeline.Collate(tokenizer, MEAN, STD, normalize_on_host=on_host)
-        timed(stage, collate, done)
-    return {k: 1e3 * v / len(files) for k, v in stages.items()}
+        start = time.perf_counter()
+        collate(records)
+        collated[stage] = (time.perf_counter() - start) / len(records)
+    out = {}
+    for shape, by_stage in [*times.items(), ("all", None)]:
+        by_stage = by_stage or {s: sum((times[k][s] for k in times), []) for s in stages}
+        out[shape] = {s: 1e3 * float(np.mean(v)) for s, v in by_stage.items()}
+        out[shape].update({s: 1e3 * v for s, v in collated.items()})
+    return out
 
 
 def reduced_decode_error(count: int = 32) -> dict:
@@ -336,6 +412,7 @@ def main():
     parser.add_argument("--batches", type=int, default=24)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--split", action="store_true", help="stage times and pixel error too")
+    parser.add_argument("--out", default="", help="also write the results to this JSON file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         pairs = write_dataset(Path(tmp), args.images)
@@ -347,14 +424,28 @@ def main():
           f"({' and '.join(f'{w}x{h}' for w, h in SHAPES)})")
     train_reference = results["tf.data (crop, flip)"]
     eval_reference = results["tf.data eval (centre crop, resize)"]
-    print("| pipeline | images/s | vs tf.data |\n| --- | --- | --- |")
+    print("| pipeline | images/s | vs tf.data | images per CPU-second | vs tf.data |")
+    print("| --- | --- | --- | --- | --- |")
     for name, rate in results.items():
         reference = eval_reference if "eval" in name else train_reference
-        print(f"| {name} | {rate:.0f} | {rate / reference:.2f} |")
+        wall, cpu = rate["images_per_s"], rate["images_per_cpu_s"]
+        print(f"| {name} | {wall:.0f} | {wall / reference['images_per_s']:.2f} | {cpu:.0f} | "
+              f"{cpu / reference['images_per_cpu_s']:.2f} |")
     if split:
-        print("ms per image (one thread):", {k: round(v, 3) for k, v in split.items()})
-        print("reduced-scale decode vs full decode, |difference| of 255:",
-              json.dumps(reduced_decode_error()))
+        print("ms per image (one thread):")
+        for shape, stages in split.items():
+            print(f"  {shape}: {json.dumps({k: round(v, 3) for k, v in stages.items()})}")
+        error = reduced_decode_error()
+        print("reduced-scale decode vs full decode, |difference| of 255:", json.dumps(error))
+    if args.out:
+        from benchmarks import common
+        Path(args.out).write_text(json.dumps({
+            "machine": {**common.machine(), "load_average": os.getloadavg()},
+            "sizes": {"images": args.images, "rows": ROWS, "shapes": SHAPES,
+                      "batches": args.batches, "batch": BATCH, "size": SIZE,
+                      "threads": args.threads, "rounds": 2},
+            "rates": results, "ms_per_image": split,
+            "reduced_decode_error": error if split else None}, indent=1))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@
     pixels = normalize_on_device(batch["pixel_values"], mean, std)
 
 A uint8 batch is a quarter of the bytes of float32 over the host-to-device link, and the host
-does no float work per pixel (its normalisation costs ~0.6 ms per 224-px image, a fifth of
-the whole per-image budget: BENCHMARKS.md). Float inputs are returned unchanged, so a step
-that always calls this accepts batches from either Collate.
+does no float work per pixel (host normalisation costs ~0.66 ms per 224-px image, an eighth of
+a 640x480 JPEG's whole decode-augment-collate time: BENCHMARKS.md). Float inputs are returned
+unchanged, so a step that always calls this accepts batches from either Collate.
 
 Imports only jax and numpy: the step's module may import it without the data stack.
 """
