@@ -87,7 +87,8 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 
     A uint8 value has 256 possible results per channel: they are computed once into a table
     and looked up, one pass over the batch instead of four float passes (0.66 against 0.82 ms
-    per 224-px image on a 2-core test machine; BENCHMARKS.md). pixels.normalize_on_device computes the same on the accelerator."""
+    per 224-px image on a 2-core test machine; BENCHMARKS.md). pixels.normalize_on_device
+    computes the same inside the jitted step, for uint8 batches."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
         x = images.astype(np.float32) / 255.0
