@@ -42,13 +42,15 @@ def sigmoid_logits(model, params, pixels, ids, mask=None):
             + float(params["logit_bias"])), img, txt
 
 
-def check_text(model, params, ref):
-    """The text tower without a mask (SigLIP's tokenizer gives none) and with one."""
-    out = apply(model, params, lambda m, i: m.text_model(i), ref["input_ids"])
-    assert max_diff(out["last_hidden_state"], ref["text_last_hidden_state"]) <= TOL
-    assert max_diff(out["pooled"], ref["text_pooled"]) <= TOL
-    masked = apply(model, params, lambda m, i, a: m.text_model(i, a), ref["input_ids"],
-                   ref["attention_mask"])
+def check_text(path, model, params, ref):
+    """The text tower attends to the padding, as SigLIP was trained (a mask given changes
+    nothing), and with mask_padding=True masks it as HF does when given a mask."""
+    for mask in (None, ref["attention_mask"]):
+        out = apply(model, params, lambda m, i, a: m.text_model(i, a), ref["input_ids"], mask)
+        assert max_diff(out["last_hidden_state"], ref["text_last_hidden_state"]) <= TOL
+        assert max_diff(out["pooled"], ref["text_pooled"]) <= TOL
+    tower, text_params = hf.load_tower(path, part="text", mask_padding=True)
+    masked = tower.apply({"params": text_params}, ref["input_ids"], ref["attention_mask"])
     assert max_diff(masked["pooled"], ref["text_pooled_masked"]) <= TOL
     assert max_diff(masked["pooled"], out["pooled"]) > 1e-3  # the mask matters
 
@@ -59,11 +61,12 @@ def test_siglip_matches_transformers(torch_fixture):
     assert (model.image_head, model.text_head) == ("identity", "identity")
     assert float(params["logit_scale"]) == pytest.approx(float(ref["logit_scale"][0]), abs=1e-7)
     assert float(params["logit_bias"]) == pytest.approx(float(ref["logit_bias"][0]), abs=1e-7)
-    check_text(model, params, ref)
+    check_text(path, model, params, ref)
     vision = apply(model, params, lambda m, x: m.vision_model(x), ref["pixel_values"])
     assert max_diff(vision["last_hidden_state"], ref["vision_last_hidden_state"]) <= TOL
     assert max_diff(vision["pooled"], ref["vision_pooled"]) <= TOL
-    logits, img, txt = sigmoid_logits(model, params, ref["pixel_values"], ref["input_ids"])
+    logits, img, txt = sigmoid_logits(model, params, ref["pixel_values"], ref["input_ids"],
+                                      ref["attention_mask"])
     assert max_diff(unit(img), ref["image_embeds"]) <= TOL
     assert max_diff(unit(txt), ref["text_embeds"]) <= TOL
     assert max_diff(logits, ref["logits_per_image"]) <= TOL
@@ -98,7 +101,7 @@ def test_siglip2_naflex_matches_transformers(torch_fixture, budget):
     assert max_diff(unit(img), ref[f"image_embeds_{budget}"]) <= TOL
     assert max_diff(logits, ref[f"logits_per_image_{budget}"]) <= TOL
     if budget == BUDGETS[0]:
-        check_text(model, params, ref)
+        check_text(path, model, params, ref)
 
 
 @pytest.mark.parametrize("budget", BUDGETS)

@@ -8,10 +8,12 @@ so LiLT's adapters and deep layers come from the shared layers. What differs fro
       one learned probe query attends over the tokens, LayerNorm, MLP with a residual. Its
       attention keeps PyTorch MultiheadAttention's packed layout (`in_proj_weight` holds q, k
       and v), so the checkpoint's tensors load by name as they are.
-  text: no causal mask (a padding mask only when one is given), final LayerNorm, pooled = the
-      LAST position's state through the Linear `head`. SigLIP was trained on captions padded to
-      max_position_embeddings (64), so the last position is normally padding; other padding
-      changes the embedding.
+  text: no causal mask, final LayerNorm, pooled = the LAST position's state through the Linear
+      `head`. SigLIP was trained on captions padded to max_position_embeddings (64), attending
+      to the padding (big_vision and open_clip pass no mask), so the last position is normally
+      padding and other padding changes the embedding. The tower therefore ignores
+      `attention_mask` unless `mask_padding=True` (what HF's SiglipTextModel does when given
+      a mask).
 The towers' pooled outputs are already the shared-space embeddings: a SigLIP dual encoder uses
 "identity" heads (the DualEncoder adds nothing), and the PEFT recipes' "heads" are these
 in-tower heads (the family's `head_names`).
@@ -39,6 +41,7 @@ from valign_jax.models.registry import DualCheckpoint, TowerFamily, register, re
 class SiglipTextConfig(TowerConfig):
     model_type: ClassVar[str] = "siglip_text_model"
     POOLINGS: ClassVar[tuple[str, ...]] = ("last", "mean")
+    RUN_OPTIONS: ClassVar[tuple[str, ...]] = TowerConfig.RUN_OPTIONS + ("mask_padding",)
 
     vocab_size: int = 32000
     hidden_size: int = 768
@@ -53,6 +56,7 @@ class SiglipTextConfig(TowerConfig):
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     projection_size: int = 0      # width of `head`'s output; 0: hidden_size, as in HF
+    mask_padding: bool = False    # True: attend to real tokens only (see the module docstring)
 
     def __post_init__(self):
         super().__post_init__()
@@ -140,7 +144,8 @@ def pool_tokens(config, hidden, token_mask=None):
 class SiglipTextTower(nn.Module):
     """HF layout (inside `text_model/`): embeddings/, encoder/layers/<i>/, final_layer_norm/,
     head/. `last_hidden_state` is after the final LayerNorm; `pooled` is head(last token)
-    (or head(mean of the real tokens) with pooling="mean")."""
+    (or head(mean of the real tokens) with pooling="mean"). `attention_mask` masks attention
+    only with mask_padding=True."""
 
     config: SiglipTextConfig
     LAYER_PATHS: ClassVar[tuple[tuple[str, ...], ...]] = (("encoder", "layers"),)
@@ -155,7 +160,9 @@ class SiglipTextTower(nn.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
         hidden = CLIPTextEmbeddings(cfg, name="embeddings")(input_ids, position_ids)
-        mask = None if attention_mask is None else padding_mask(attention_mask)
+        mask = None
+        if cfg.mask_padding and attention_mask is not None:
+            mask = padding_mask(attention_mask)
         hidden = Encoder(CLIPLayer, "layers", cfg, name="encoder")(hidden, mask)
         hidden = deep_adapter(CLIPLayer, cfg, hidden, mask)
         hidden = layer_norm(cfg, "final_layer_norm")(hidden)
