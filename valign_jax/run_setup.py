@@ -12,8 +12,23 @@ import jax
 from absl import logging
 
 from valign_jax import build, checkpointing, sharding, storage
-from valign_jax.models import FeaturesConfig
+from valign_jax.models import FeaturesConfig, registry
 from valign_jax.models.layout import overlay
+
+
+def check_text_length(max_length: int, text_config) -> None:
+    """A text tower trained on captions padded to its full length (SigLIP pools the last
+    position) must get exactly that length: other padding changes its embeddings."""
+    if isinstance(text_config, FeaturesConfig):
+        return
+    family = registry.family_of(text_config)
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if family.pads_to_max_positions and max_length != positions:
+        raise ValueError(
+            f"config.model.text.max_length={max_length}, but a {family.name} tower pads every "
+            f"caption to its max_position_embeddings={positions} (it pools the last position "
+            f"and was trained so; other padding changes its embeddings): set "
+            f"config.model.text.max_length={positions}")
 
 
 @contextlib.contextmanager
@@ -65,6 +80,7 @@ def input_setup(config, model, second_caption: bool = False):
     """(image size, Collate): how records become model inputs, for training and evaluation.
     second_caption: batches also carry each image's second caption (an objective needs it)."""
     from valign_jax.data import pipeline
+    check_text_length(config.model.text.max_length, model.text_config)
     image_size = config.model.image.image_size or getattr(model.image_config, "image_size", 0)
     tokenizer = pipeline.make_tokenizer(config.model.text, config.data.lower_case)
     mean, std = pipeline.normalization(config.model.image, config.data)
