@@ -177,3 +177,19 @@ def test_one_tower_saves_as_its_own_model_and_loads_back(torch_fixture, tmp_path
     inputs = (ref["pixel_values"],) if part == "vision" else (ref["input_ids"],)
     assert max_diff(again.apply({"params": loaded}, *inputs)["pooled"],
                     ref[f"{part}_pooled"]) <= TOL
+
+
+def test_zero_shot_by_cosine_ranks_as_sigmoid_probabilities(torch_fixture):
+    """The evaluators rank by cosine; SigLIP's probabilities σ(exp(t)·cos + b) rank the same
+    (exp(t) > 0), here with the checkpoint's own scale and bias, in float64."""
+    from valign_jax.evaluation.zeroshot import zeroshot_metrics
+    _, ref = torch_fixture("siglip")
+    rng = np.random.default_rng(0)
+    images, classes = unit(rng.normal(size=(200, 36))), unit(rng.normal(size=(12, 36)))
+    labels = rng.integers(0, 12, size=200)
+    probs = 1 / (1 + np.exp(-(np.exp(ref["logit_scale"][0]) * images @ classes.T
+                              + ref["logit_bias"][0])))
+    order = np.argsort(-probs, axis=1, kind="stable")
+    metrics = zeroshot_metrics(images, classes, labels, ks=(1, 5))
+    assert metrics["top1"] == pytest.approx(np.mean(order[:, 0] == labels))
+    assert metrics["top5"] == pytest.approx(np.mean((order[:, :5] == labels[:, None]).any(1)))

@@ -3,7 +3,9 @@
     tower, params = hf.load_tower("google/vit-base-patch16-224")       # or a local directory
     tower, params = hf.load_tower("openai/clip-vit-base-patch32", part="text")
     model, params = hf.load_dual_encoder("openai/clip-vit-base-patch32")
+    model, params = hf.load_dual_encoder("google/siglip-base-patch16-224")  # + logit_bias
     hf.save_tower(tower, params, "out/")                                # loads in transformers
+    hf.save_dual_encoder(model, params, "out/")                         # a SiglipModel again
 
 Reads `config.json` and the weights from `model.safetensors` (PyTorch layout, or sharded with
 `model.safetensors.index.json`) or `flax_model.msgpack` (Flax layout). PyTorch layout is converted
