@@ -150,21 +150,37 @@ def test_save_writes_the_tensors_transformers_wrote(torch_fixture, tmp_path, nam
         assert a[0] == b[0] and np.array_equal(a[1], b[1])
 
 
-def test_saved_siglip_loads_in_transformers(torch_fixture, tmp_path):
-    """With torch installed: SiglipModel.from_pretrained reports no missing or unexpected keys
-    and computes the logits we compute."""
+@pytest.mark.parametrize("name", ["siglip", "siglip2_naflex"])
+def test_saved_checkpoint_loads_in_transformers(torch_fixture, tmp_path, name):
+    """With torch installed: SiglipModel / Siglip2Model.from_pretrained reports no missing or
+    unexpected keys and computes the logits we compute."""
     torch = pytest.importorskip("torch")
     import transformers
-    path, ref = torch_fixture("siglip")
+    path, ref = torch_fixture(name)
     model, params = hf.load_dual_encoder(path)
     hf.save_dual_encoder(model, params, tmp_path)
-    loaded, info = transformers.SiglipModel.from_pretrained(tmp_path, output_loading_info=True)
+    cls = transformers.SiglipModel if name == "siglip" else transformers.Siglip2Model
+    loaded, info = cls.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+    if name == "siglip":
+        ours = ref["pixel_values"]
+        theirs = {"pixel_values": torch.from_numpy(ours.transpose(0, 3, 1, 2).copy())}
+    else:
+        ours = {k: ref[f"{k}_{BUDGETS[0]}"] for k in NAFLEX}
+        theirs = {k: torch.from_numpy(v) for k, v in ours.items()}
     with torch.no_grad():
-        out = loaded.eval()(input_ids=torch.from_numpy(ref["input_ids"]),
-                            pixel_values=torch.from_numpy(ref["pixel_values"].transpose(0, 3, 1, 2)))
-    logits, _, _ = sigmoid_logits(model, params, ref["pixel_values"], ref["input_ids"])
+        out = loaded.eval()(input_ids=torch.from_numpy(ref["input_ids"]), **theirs)
+    logits, _, _ = sigmoid_logits(model, params, ours, ref["input_ids"])
     assert max_diff(out.logits_per_image.numpy(), logits) <= TOL
+
+
+def test_scanned_and_rematerialised_towers_load_to_the_same_logits(torch_fixture):
+    path, ref = torch_fixture("siglip")
+    model, params = hf.load_dual_encoder(path, scan_layers=True, remat="full")
+    stacked = params["vision_model"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"]
+    assert stacked.shape[0] == 2  # the two layers, stacked for nn.scan
+    logits, _, _ = sigmoid_logits(model, params, ref["pixel_values"], ref["input_ids"])
+    assert max_diff(logits, ref["logits_per_image"]) <= TOL
 
 
 @pytest.mark.parametrize("part", ["vision", "text"])
