@@ -209,3 +209,17 @@ def test_zero_shot_by_cosine_ranks_as_sigmoid_probabilities(torch_fixture):
     metrics = zeroshot_metrics(images, classes, labels, ks=(1, 5))
     assert metrics["top1"] == pytest.approx(np.mean(order[:, 0] == labels))
     assert metrics["top5"] == pytest.approx(np.mean((order[:, :5] == labels[:, None]).any(1)))
+
+
+def test_inconsistent_naflex_inputs_are_named(torch_fixture):
+    path, ref = torch_fixture("siglip2_naflex")
+    tower, params = hf.load_tower(path, part="vision")
+    inputs = {k: ref[f"{k}_{BUDGETS[0]}"] for k in NAFLEX}
+    too_big = {**inputs, "spatial_shapes": inputs["spatial_shapes"] * 2}
+    with pytest.raises(ValueError, match=r"h·w <= 10"):
+        tower.apply({"params": params}, too_big)
+    short_mask = {**inputs, "pixel_attention_mask": np.ones_like(inputs["pixel_attention_mask"])}
+    with pytest.raises(ValueError, match="pixel_attention_mask marks"):
+        tower.apply({"params": params}, short_mask)
+    with pytest.raises(ValueError, match="missing.*spatial_shapes"):
+        tower.apply({"params": params}, {"pixel_values": inputs["pixel_values"]})

@@ -27,6 +27,7 @@ from typing import ClassVar, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from valign_jax.models.clip_layer import CLIPLayer
 from valign_jax.models.config import TowerConfig
@@ -131,6 +132,28 @@ def nhwc_to_patches(pixel_values, patch_size: int):
     return x, (height // p, width // p)
 
 
+def check_naflex_inputs(length: int, spatial_shapes, pixel_attention_mask) -> None:
+    """Every image's (h, w) grid fits the N = `length` patches and the mask marks its h·w real
+    patches (checked on concrete values; inside a jitted step they are traced, and the data
+    come from naflex_batch or HF's processor)."""
+    if isinstance(spatial_shapes, jax.core.Tracer):
+        return
+    shapes = np.asarray(spatial_shapes)
+    if shapes.ndim != 2 or shapes.shape[1] != 2:
+        raise ValueError(f"spatial_shapes must be (batch, 2) = (h, w) per image, got shape "
+                         f"{shapes.shape}")
+    counts = shapes.prod(axis=1)
+    if shapes.min() < 1 or counts.max() > length:
+        raise ValueError(f"spatial_shapes {shapes.tolist()}: every image needs 1 <= h, w and "
+                         f"h·w <= {length} (its patches); got h·w = {counts.tolist()}")
+    if pixel_attention_mask is not None and not isinstance(pixel_attention_mask,
+                                                           jax.core.Tracer):
+        real = np.asarray(pixel_attention_mask).sum(axis=1)
+        if not np.array_equal(real, counts):
+            raise ValueError(f"pixel_attention_mask marks {real.tolist()} real patches per "
+                             f"image, but spatial_shapes say h·w = {counts.tolist()}")
+
+
 class Siglip2VisionTower(nn.Module):
     """HF layout (inside `vision_model/`): embeddings/{patch_embedding (a Linear),
     position_embedding}, encoder/layers/<i>/, post_layernorm/, head/. See the module docstring
@@ -156,6 +179,7 @@ class Siglip2VisionTower(nn.Module):
             raise ValueError(f"SigLIP 2 pixel inputs: patches (B, N, {width}) with "
                              f"spatial_shapes (B, 2), or NHWC images; got "
                              f"{pixel_values.shape} and spatial_shapes={spatial_shapes}")
+        check_naflex_inputs(pixel_values.shape[1], spatial_shapes, pixel_attention_mask)
         hidden = Siglip2VisionEmbeddings(cfg, name="embeddings")(pixel_values, spatial_shapes)
         mask = None if pixel_attention_mask is None else padding_mask(pixel_attention_mask)
         hidden = Encoder(CLIPLayer, "layers", cfg, name="encoder")(hidden, mask)
