@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from valign_jax import hf
 from valign_jax.data.naflex import naflex_batch, naflex_size
@@ -146,7 +147,7 @@ def test_save_writes_the_tensors_transformers_wrote(torch_fixture, tmp_path, nam
     assert {k: ours[k]["shape"] for k in ours} == {k: theirs[k]["shape"] for k in theirs}
     again, loaded = hf.load_dual_encoder(tmp_path)
     assert again == model
-    for a, b in zip(*(sorted(hf.traverse_util.flatten_dict(t).items()) for t in (params, loaded))):
+    for a, b in zip(*(sorted(traverse_util.flatten_dict(t).items()) for t in (params, loaded))):
         assert a[0] == b[0] and np.array_equal(a[1], b[1])
 
 
