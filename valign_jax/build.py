@@ -14,6 +14,7 @@ import json
 from valign_jax import hf, losses
 from valign_jax.models import registry
 from valign_jax.models.dual_encoder import DualEncoder
+from valign_jax.special_tokens import SPECIAL_IDS
 
 _HEAD_FIELDS = ("projection_dim", "image_head", "text_head", "head_bias", "logit_scale_init",
                 "logit_bias_init", "fusion_layers", "fusion_heads", "fusion_width")
@@ -49,7 +50,16 @@ def tower_config(tower_cfg, model_cfg, side: str, use_checkpoint_config: bool):
         config, _ = hf.tower_config(hf_config, _part(hf_config, side),
                                     source=str(directory / "config.json"), **overrides)
         return config
-    return registry.preset(tower_cfg.preset, **overrides)
+    config = registry.preset(tower_cfg.preset, **overrides)
+    return _scratch_token_ids(config) if side == "text" else config
+
+
+def _scratch_token_ids(config):
+    """A text tower built from a preset reads the special-token ids of the tokenizers made
+    for scratch towers (special_tokens.py): its end-of-text pooling must find their [EOS]."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    ids = {f"{k}_token_id": v for k, v in SPECIAL_IDS.items() if f"{k}_token_id" in fields}
+    return config.replace(**ids) if ids else config
 
 
 def pretrained_towers(model_cfg) -> dict:

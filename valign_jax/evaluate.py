@@ -19,7 +19,6 @@ the tower checkpoints or the run it started from).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import jax
@@ -63,7 +62,7 @@ def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_pa
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     param_sh = sharding.tree_shardings(params, mesh, config.mesh.min_fsdp_size)
     placed = sharding.put(params, param_sh)
-    image_size, collate = input_setup(config, model)
+    image_size, collate = input_setup(config, model, workdir=None if hf_path else workdir)
     cache_dir = None
     if cached:
         from valign_jax import frozen_towers
@@ -224,19 +223,14 @@ def define_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from valign_jax import sharding
+    from valign_jax import cli, sharding
     from valign_jax.logs import quiet_library_logs
-    sharding.initialize_distributed()
     quiet_library_logs()
+    sharding.initialize_distributed()
     overrides = {k: getattr(FLAGS, k) for k in ("eval_data", "zeroshot", "templates",
                                                  "class_names")}
-    try:
-        result = evaluate(FLAGS.workdir, FLAGS.step, FLAGS.out, FLAGS.config, FLAGS.hf,
-                          overrides)
-    except (OSError, ValueError) as err:
-        logging.debug("traceback", exc_info=True)
-        print(f"FATAL: {err}", file=sys.stderr)
-        sys.exit(1)
+    result = cli.run_guarded(evaluate, FLAGS.workdir, FLAGS.step, FLAGS.out, FLAGS.config,
+                             FLAGS.hf, overrides)
     shown = {k: round(v, 4) for k, v in result["metrics"].items()
              if k.startswith(("retrieval/", "zeroshot/", "geometry/gap", "ln_shift/"))
              and k.endswith(("r1", "top1", "gap", "pearson_r"))}
@@ -247,5 +241,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from valign_jax import cli
+    from valign_jax.logs import quiet_startup
+    quiet_startup()  # before TensorFlow or a jax backend loads
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -23,7 +23,7 @@ from absl import logging
 from valign_jax import build, sharding
 from valign_jax.data import feature_cache, pipeline
 from valign_jax.models.layout import abstract_params
-from valign_jax.run_setup import build_model, initial_params, input_setup
+from valign_jax.run_setup import build_model, image_size, initial_params, input_setup
 
 SPLITS = ("train", "eval")
 
@@ -66,12 +66,14 @@ def cache_all(config, workdir=None) -> list[Path]:
     param_sh = sharding.tree_shardings(abstract_params(model), mesh, config.mesh.min_fsdp_size)
     params = initial_params(config, model, param_sh)
     # The checkpoint's own pixel statistics when it has them, as a raw training run uses.
-    image_size, collate = input_setup(config, model)
+    sources = {split: pipeline.make_source(pipeline.split_spec(config.data, split)[0], split,
+                                           config.data, image_size(config, model),
+                                           f"config.data.{split}")
+               for split in SPLITS}
+    _, collate = input_setup(config, model, workdir=workdir, train_source=sources["train"])
     written = []
-    for split in SPLITS:
+    for split, source in sources.items():
         spec = pipeline.split_spec(config.data, split)[0]
-        source = pipeline.make_source(spec, split, config.data, image_size,
-                                      f"config.data.{split}")
         logging.info("caching %s features of %s (%d examples)", split, spec, len(source))
         written.append(feature_cache.cache_features(
             model, params, source, collate, cache_dir(config, split, workdir),

@@ -177,6 +177,10 @@ SCHEMA: dict[str, Key] = {
                            "checkpoint's preprocessor_config.json wins"),
     "data.image_std": Key((0.5, 0.5, 0.5), "per-channel std, > 0"),
     "data.lower_case": Key(False, "lower-case captions before tokenizing"),
+    "data.tokenizer": Key("auto", "text towers without a checkpoint: 'learned' (a vocabulary "
+                          "learned from the training captions, kept in the workdir), 'words' "
+                          "(the embedded data's word list), 'auto' (words for synthetic data, "
+                          "else learned), or a directory of tokenizer files"),
     "data.threads": Key(2, "grain threads reading and decoding records", **AT_LEAST_0),
     "data.workers": Key(0, "grain worker processes (0: threads only)", **AT_LEAST_0),
     # evaluation settings shared by the evaluators (config.evals)

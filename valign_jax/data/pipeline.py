@@ -55,8 +55,8 @@ def split_spec(data_cfg, split: str) -> tuple[str, int]:
     data: config.data.train / num_train or config.data.eval / num_eval."""
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}; expected 'train' or 'eval'")
-    return ((data_cfg.get("train", ""), data_cfg.num_train) if split == "train"
-            else (data_cfg.get("eval", ""), data_cfg.num_eval))
+    return ((getattr(data_cfg, "train", ""), data_cfg.num_train) if split == "train"
+            else (getattr(data_cfg, "eval", ""), data_cfg.num_eval))
 
 
 def make_source(spec: str, split: str, data_cfg, image_size: int, key: str):
@@ -68,6 +68,7 @@ def make_source(spec: str, split: str, data_cfg, image_size: int, key: str):
     if spec.startswith("synthetic:"):
         from valign_jax.data.relations import SyntheticRelations
         datasets = {"shapes": synthetic.SyntheticImageText, "relations": SyntheticRelations}
+        assert tuple(datasets) == sources.SYNTHETIC
         name = spec.split(":", 1)[1]
         if name not in datasets:
             raise ValueError(f"{key}={spec!r}: unknown synthetic dataset {name!r}; known: "
@@ -79,14 +80,6 @@ def make_source(spec: str, split: str, data_cfg, image_size: int, key: str):
     source.train_transform = transforms.train_transform(image_size, data_cfg.get("augment"))
     source.eval_transform = transforms.EvalTransform(image_size)
     return source
-
-
-def make_tokenizer(text_cfg, lower_case: bool = False):
-    """The text tower's tokenizer; towers without a checkpoint use the synthetic vocabulary."""
-    if text_cfg.checkpoint:
-        from valign_jax.data.tokenizer import Tokenizer
-        return Tokenizer(text_cfg.checkpoint, text_cfg.max_length, lower_case)
-    return synthetic.WordTokenizer(text_cfg.max_length)
 
 
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -256,8 +249,21 @@ def train_dataset(source, collate: Collate, global_batch_size: int, seed: int,
         if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (notebooks, tests)
             flags.FLAGS.mark_as_parsed()
         return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                           per_worker_buffer_size=2))
+                                                           per_worker_buffer_size=2),
+                              worker_init_fn=end_with_parent)
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
+
+
+def end_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
+    """In a worker process: have the kernel end it when the process that started it ends, even
+    by `kill -9` (which runs no cleanup), instead of living on as an orphan (Linux only)."""
+    import ctypes
+    import signal
+    import sys
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def cached_train_dataset(cache, global_batch_size: int, seed: int,

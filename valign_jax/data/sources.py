@@ -93,8 +93,53 @@ class Source:
         """Where record `index` comes from, for messages about it (a file, a tar member)."""
         return f"{self.name}[{index}]"
 
+    def caption_texts(self, limit: int) -> list[str]:
+        """Up to `limit` captions, for learning a tokenizer (broken records skipped). Sources
+        that hold their captions apart from their images read no image here."""
+        texts = []
+        for index in range(len(self)):
+            try:
+                record = self[index]
+            except BrokenRecord:
+                continue
+            texts += [c for c in (record.get("captions") or [record.get("caption")])
+                      if isinstance(c, str)]
+            if len(texts) >= limit:
+                break
+        return texts[:limit]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {len(self)} records)"
+
+
+SYNTHETIC = ("shapes", "relations")  # synthetic:<name>, built by pipeline.make_source
+
+
+def spec_problem(spec: str, key: str) -> str | None:
+    """What is wrong with a data source's config string, found without reading a record (a
+    local path that does not exist, an unknown form or file type); None when nothing is. The
+    config checks run it before any model is built."""
+    spec = str(spec).strip()
+    if spec.startswith("synthetic:"):
+        name = spec.split(":", 1)[1]
+        return None if name in SYNTHETIC else (
+            f"{key}={spec!r}: unknown synthetic dataset {name!r}; known: {list(SYNTHETIC)}")
+    if spec.startswith("tfds:"):
+        name, _, split = spec[len("tfds:"):].rpartition("/")
+        return None if name and split else (
+            f"{key}={spec!r}: expected tfds:<name>/<split>, e.g. 'tfds:coco_captions/train'")
+    path = Path(spec).expanduser()
+    if _SCHEME.match(spec) and not path.exists():
+        return f"{key}={spec!r}: unknown data source scheme; known forms: {list(KNOWN_FORMS)}"
+    if any(c in spec for c in "*?[") and spec.endswith(".tar"):
+        return None if glob.glob(spec) else f"{key}={spec!r}: no file matches this pattern"
+    if not path.exists():
+        return (f"{key}={spec!r}: {path.absolute()} does not exist; known forms: "
+                f"{list(KNOWN_FORMS)}")
+    if path.is_file() and path.suffix not in (".jsonl", ".csv", ".tar"):
+        return (f"{key}={spec!r}: unknown file format {path.suffix!r}; known forms: "
+                f"{list(KNOWN_FORMS)}")
+    return None
 
 
 def open_source(spec: str, key: str = "source") -> Source:
@@ -342,6 +387,10 @@ class PairsSource(Source):
         except BrokenRecord as err:
             return str(err)
         return path, text
+
+    def caption_texts(self, limit: int) -> list[str]:
+        texts = [c for row in self.rows if not isinstance(row, str) for c in row[1]["captions"]]
+        return texts[:limit]
 
     def _check(self):
         if not self.rows:
