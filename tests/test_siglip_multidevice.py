@@ -24,7 +24,7 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from valign_jax import hf, losses, ring_losses, sharding, train
 from valign_jax.data import pipeline
-from valign_jax.run_setup import build_model, initial_params
+from valign_jax.run_setup import build_model, initial_params, input_setup
 sys.path.insert(0, "tests")
 from train_helpers import tiny_config
 
@@ -33,8 +33,7 @@ config = tiny_config("siglip", "finetune,demo", steps=4, batch_size=16)
 config.objective.chunked = True
 config.mesh.min_fsdp_size = 256
 model = build_model(config)
-collate = pipeline.Collate(pipeline.make_tokenizer(config.model.text), config.data.image_mean,
-                           config.data.image_std)
+collate = input_setup(config, model)[1]   # the checkpoint's tokenizer, as a run uses it
 source = pipeline.make_source(config.data.train, "train", config.data,
                               model.image_config.image_size, "config.data.train")
 stream = iter(pipeline.train_dataset(source, collate, config.batch_size, config.seed))
