@@ -234,7 +234,7 @@ def test_missing_data_is_named_before_any_model_is_built(tmp_path):
     message = str(err.value)
     for expected in ("config.evals.comp.data=", "nope.jsonl': no such file",
                      "config.evals.rel.num_groups=0", "config.evals.probe.data=",
-                     "no_folder': no such file or folder",
+                     "no_folder does not exist",
                      "config.evals.probe.test='synthetic:relations'",
                      "config.evals.probe.shots='1,x'", "config.evals.empty.data is empty"):
         assert expected in message, (expected, message)

@@ -1,4 +1,5 @@
-"""`python -m valign_jax.evaluate`: the metrics of a training run's checkpoint, or of an HF CLIP.
+"""`python -m valign_jax.evaluate`: the metrics of a training run's checkpoint, or of an HF CLIP /
+SigLIP / SigLIP 2 checkpoint (--hf).
 
     python -m valign_jax.evaluate --workdir=DIR [--step=N] [--out=FILE.json]
     python -m valign_jax.evaluate --workdir=DIR --zeroshot=tfds:cifar100/test,/data/flowers
@@ -26,7 +27,6 @@ JSON per dataset and a Markdown table, into --out (a directory).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import jax
@@ -40,9 +40,9 @@ FLAGS = flags.FLAGS
 
 def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_path=None,
              overrides: dict | None = None, towers: bool = False) -> dict:
-    """Evaluate a run's checkpoint (or an HF CLIP); returns what it writes to `out`.
-    towers: a run that trained from cached features is evaluated end to end, its frozen towers
-    rebuilt from its config and its trained heads on top (`_with_towers`)."""
+    """Evaluate a run's checkpoint (or an HF two-tower checkpoint); returns what it writes to
+    `out`. towers: a run that trained from cached features is evaluated end to end, its frozen
+    towers rebuilt from its config and its trained heads on top (`_with_towers`)."""
     from valign_jax import sharding, storage
     from valign_jax.evaluation import ln_shift, plots
     from valign_jax.evaluation.build import make_evaluator
@@ -74,7 +74,7 @@ def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_pa
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     param_sh = sharding.tree_shardings(params, mesh, config.mesh.min_fsdp_size)
     placed = sharding.put(params, param_sh)
-    image_size, collate = input_setup(config, model)
+    image_size, collate = input_setup(config, model, workdir=None if hf_path else workdir)
     cache_dir = tower_features = None
     if cached:
         from valign_jax import frozen_towers
@@ -137,7 +137,8 @@ def evaluate_suite(suite_file, workdir=None, step: int | None = None, out=None, 
             raise ValueError("--suite needs --out=DIR (a local directory for the results) "
                              "with --hf or a --workdir URL")
         out = Path(workdir) / "eval" / f"suite_{Path(suite_file).stem}_step_{step}"
-    results = suite.run_suite(entries, model, params, config, out, source, step)
+    results = suite.run_suite(entries, model, params, config, out, source, step,
+                              workdir=None if hf_path else workdir)
     return {"dir": str(Path(out).absolute()), "results": results}
 
 
@@ -181,9 +182,10 @@ def _model_of(config, workdir):
 
 
 def _from_hf(hf_path, config):
-    """(model, params, config) of an HF CLIP, the config reading its tokenizer and pixel
-    statistics from the same checkpoint."""
+    """(model, params, config) of an HF two-tower checkpoint (CLIP, SigLIP, SigLIP 2), the
+    config reading its tokenizer, text length and pixel statistics from the same checkpoint."""
     from valign_jax import hf
+    from valign_jax.models import registry
     if config is None:
         raise ValueError("--hf needs --config=configs/<recipe>.py: it says which data to "
                          "evaluate on")
@@ -193,6 +195,8 @@ def _from_hf(hf_path, config):
     with config.unlocked():
         config.model.image.checkpoint = config.model.text.checkpoint = str(hf_path)
         config.model.image.image_size = model.image_config.image_size
+        if registry.family_of(model.text_config).pads_to_max_positions:  # SigLIP: pad to 64
+            config.model.text.max_length = model.text_config.max_position_embeddings
         config.data.feature_cache = ""
     return model, jax.device_get(params), config
 
@@ -261,7 +265,8 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "A training run's directory (python -m valign_jax.main).")
     flags.DEFINE_integer("step", None, "The checkpoint to evaluate (default: the latest).")
     flags.DEFINE_string("out", None, "The metrics JSON (default: <workdir>/eval/step_<N>.json).")
-    flags.DEFINE_string("hf", None, "Evaluate this HF CLIP checkpoint (directory or hub id) as is.")
+    flags.DEFINE_string("hf", None, "Evaluate this HF two-tower checkpoint (CLIP, SigLIP, SigLIP "
+                        "2; directory or hub id) as is.")
     flags.DEFINE_bool("towers", False, "A run that trained from cached features (SAIL): run its "
                       "frozen towers end to end (rebuilt from its config) under its trained "
                       "heads, instead of reading the cache.")
@@ -286,22 +291,17 @@ def _print_suite(suite: dict) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from valign_jax import sharding
+    from valign_jax import cli, sharding
     from valign_jax.logs import quiet_library_logs
-    sharding.initialize_distributed()
     quiet_library_logs()
+    sharding.initialize_distributed()
     overrides = {k: getattr(FLAGS, k) for k in ("eval_data", "zeroshot", "templates",
                                                  "class_names")}
-    try:
-        if FLAGS.suite:
-            return _print_suite(evaluate_suite(FLAGS.suite, FLAGS.workdir, FLAGS.step, FLAGS.out,
-                                               FLAGS.config, FLAGS.hf))
-        result = evaluate(FLAGS.workdir, FLAGS.step, FLAGS.out, FLAGS.config, FLAGS.hf,
-                          overrides, FLAGS.towers)
-    except (OSError, ValueError) as err:
-        logging.debug("traceback", exc_info=True)
-        print(f"FATAL: {err}", file=sys.stderr)
-        sys.exit(1)
+    if FLAGS.suite:
+        return _print_suite(cli.run_guarded(evaluate_suite, FLAGS.suite, FLAGS.workdir,
+                                            FLAGS.step, FLAGS.out, FLAGS.config, FLAGS.hf))
+    result = cli.run_guarded(evaluate, FLAGS.workdir, FLAGS.step, FLAGS.out, FLAGS.config,
+                             FLAGS.hf, overrides, FLAGS.towers)
     shown = {k: round(v, 4) for k, v in result["metrics"].items()
              if k.startswith(("retrieval/", "zeroshot/", "geometry/gap", "ln_shift/"))
              and k.endswith(("r1", "top1", "gap", "pearson_r"))}
@@ -312,5 +312,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from valign_jax import cli
+    from valign_jax.logs import quiet_startup
+    quiet_startup()  # before TensorFlow or a jax backend loads
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

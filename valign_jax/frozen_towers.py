@@ -28,7 +28,7 @@ from valign_jax import build, sharding
 from valign_jax.batched import FeatureEncoder, eval_batch_size, text_inputs
 from valign_jax.data import feature_cache, feature_sets, pipeline
 from valign_jax.models.layout import abstract_params
-from valign_jax.run_setup import build_model, initial_params, input_setup
+from valign_jax.run_setup import build_model, image_size, initial_params, input_setup
 
 SPLITS = ("train", "eval")
 
@@ -71,12 +71,14 @@ def cache_all(config, workdir=None) -> list[Path]:
     param_sh = sharding.tree_shardings(abstract_params(model), mesh, config.mesh.min_fsdp_size)
     params = initial_params(config, model, param_sh)
     # The checkpoint's own pixel statistics when it has them, as a raw training run uses.
-    image_size, collate = input_setup(config, model)
+    sources = {split: pipeline.make_source(pipeline.split_spec(config.data, split)[0], split,
+                                           config.data, image_size(config, model),
+                                           f"config.data.{split}")
+               for split in SPLITS}
+    _, collate = input_setup(config, model, workdir=workdir, train_source=sources["train"])
     written = []
-    for split in SPLITS:
+    for split, source in sources.items():
         spec = pipeline.split_spec(config.data, split)[0]
-        source = pipeline.make_source(spec, split, config.data, image_size,
-                                      f"config.data.{split}")
         logging.info("caching %s features of %s (%d examples)", split, spec, len(source))
         written.append(feature_cache.cache_features(
             model, params, source, collate, cache_dir(config, split, workdir),
@@ -110,15 +112,14 @@ class TowerFeatures:
     towers are built only when a set is not on disk yet, and `release` drops their weights."""
 
     def __init__(self, config, workdir=None, mesh=None):
-        self.config, self.mesh = config, mesh
+        self.config, self.mesh, self.workdir = config, mesh, workdir
         self.directory = cache_dir(config, "sets", workdir)
         tower_keys = manifest(config, "eval")
         for key in ("source", "seed", "num_examples"):  # what the eval split is, not the towers
             tower_keys.pop(key, None)
         self.tower_keys = tower_keys
         self.model = build_model(config)
-        self.image_size = config.model.image.image_size or getattr(
-            self.model.image_config, "image_size", 0)
+        self.image_size = image_size(config, self.model)
         self._towers = None
 
     def _load(self):
@@ -129,7 +130,7 @@ class TowerFeatures:
             param_sh = sharding.tree_shardings(abstract_params(self.model), mesh,
                                                self.config.mesh.min_fsdp_size)
             params = initial_params(self.config, self.model, param_sh)
-            _, collate = input_setup(self.config, self.model)
+            _, collate = input_setup(self.config, self.model, workdir=self.workdir)
             encoder = FeatureEncoder(self.model, mesh, param_sh,
                                      eval_batch_size(self.config.eval.batch_size, mesh))
             self._towers = (encoder, params, collate)

@@ -187,9 +187,10 @@ def markdown_table(results: list[dict], title: str) -> str:
 
 
 def run_suite(entries: list[dict], model, params, config, out_dir, source: str,
-              step: int = 0) -> list[dict]:
+              step: int = 0, workdir=None) -> list[dict]:
     """Evaluate the model on each entry; writes `<name>.json` per entry and `results.md` to
-    out_dir (process 0) and returns the results."""
+    out_dir (process 0) and returns the results. workdir: the run's, where a tokenizer it
+    learned is kept (None for an HF checkpoint)."""
     from valign_jax import sharding
     from valign_jax.batched import FeatureEncoder, eval_batch_size
     from valign_jax.checkpointing import write_json
@@ -201,7 +202,7 @@ def run_suite(entries: list[dict], model, params, config, out_dir, source: str,
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     param_sh = sharding.tree_shardings(params, mesh, config.mesh.min_fsdp_size)
     placed = sharding.put(params, param_sh)
-    image_size, collate = input_setup(config, model)
+    image_size, collate = input_setup(config, model, workdir=workdir)
     # One encoder for every entry: each model method compiles once per batch shape.
     encoder = FeatureEncoder(model, mesh, param_sh, eval_batch_size(config.eval.batch_size, mesh))
     out_dir = Path(out_dir)

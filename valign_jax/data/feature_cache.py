@@ -36,6 +36,7 @@ import json
 import operator
 import os
 import struct
+import sys
 from contextlib import ExitStack, closing
 import threading
 import zipfile
@@ -236,7 +237,8 @@ def cache_features(model, params, source, collate, out_dir, manifest: dict, *, m
 
     from tqdm.auto import tqdm
     bar = tqdm(total=n, initial=n - sum(len(rows(k)) for k in todo), unit="ex",
-               desc=f"caching features to {out_dir.name}", disable=not (progress and writer))
+               desc=f"caching features to {out_dir.name}", dynamic_ncols=True,
+               disable=not (progress and writer and sys.stderr.isatty()))
     batches = [(k, r[i:i + batch_size]) for k in todo for r in [rows(k)]
                for i in range(0, len(r), batch_size)]
     parts = []

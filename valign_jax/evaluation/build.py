@@ -79,8 +79,14 @@ def entry_name(ctx, entry) -> str:
     return next((n for n, e in ctx.config.evals.items() if e is entry), entry.type)
 
 
+def _check_retrieval(config, entry, key) -> list[str]:
+    from valign_jax.data.sources import spec_problem
+    problem = spec_problem(entry.data, f"{key}.data") if entry.data else None
+    return [problem] if problem else []  # config.data.eval is the run's own check
+
+
 register_evaluator(EvaluatorType(
-    name="retrieval", build=_retrieval,
+    name="retrieval", build=_retrieval, check=_check_retrieval,
     help="image<->text recall@k and the geometry of the joint space on held-out pairs"))
 
 
@@ -113,8 +119,23 @@ def _zeroshot(ctx: EvalContext, entry):
     return evaluators[0] if len(evaluators) == 1 else Evaluators(*evaluators)
 
 
+def _check_zeroshot(config, entry, key) -> list[str]:
+    from valign_jax.data.sources import spec_problem
+    source_key = f"{key}.data" if entry.data else "config.eval.zeroshot"
+    specs = split_list(entry.data or config.eval.zeroshot)
+    problems = [p for p in (spec_problem(spec, source_key) for spec in specs) if p]
+    names = split_list(config.eval.class_names)
+    if names and len(names) != len(specs):
+        problems.append(f"config.eval.class_names lists {len(names)} files for {len(specs)} "
+                        f"datasets in {source_key}; give one per dataset (an empty entry keeps "
+                        f"that dataset's own names)")
+    problems += [f"config.eval.class_names: {n} does not exist" for n in names
+                 if n and not Path(n).expanduser().is_file()]
+    return problems
+
+
 register_evaluator(EvaluatorType(
-    name="zeroshot", build=_zeroshot,
+    name="zeroshot", build=_zeroshot, check=_check_zeroshot,
     help="zero-shot classification with prompt-ensembled class embeddings"))
 
 

@@ -24,7 +24,6 @@ fewshot.fewshot_metrics over the whole pool's features.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
@@ -151,9 +150,8 @@ def _source_problem(spec: str, key: str) -> str | None:
     if spec.startswith("synthetic:"):
         return None if spec == "synthetic:shapes" else (
             f"{key}={spec!r}: the embedded labelled data is 'synthetic:shapes'")
-    if spec.startswith("tfds:") or Path(spec).expanduser().exists():
-        return None
-    return f"{key}={spec!r}: no such file or folder (a labelled source: tfds:, a class folder)"
+    from valign_jax.data.sources import spec_problem
+    return spec_problem(spec, key)
 
 
 def _check(config, entry, key: str) -> list[str]:
