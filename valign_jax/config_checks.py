@@ -301,7 +301,9 @@ def combination_problems(config, mode: str = "train") -> list[str]:
     from valign_jax.evaluation import registry
     problems = []
     objective, model = config.objective, config.model
-    chosen = objectives.kinds()[objective.kind]
+    chosen = objectives.kinds().get(objective.kind)
+    if chosen is None:  # reported with the choices already
+        return problems
     active = [a for a in objectives.auxiliaries().values() if objective.get(a.weight_key, 0)]
     owners = [(k.name, k.options) for k in objectives.kinds().values() if k is not chosen]
     used = set(chosen.options) | {o for a in active for o in a.options}

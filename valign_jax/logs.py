@@ -15,6 +15,8 @@ import textwrap
 
 from absl import logging
 
+from valign_jax import storage
+
 MAX_LINE = 200  # characters of metrics per log line
 
 
@@ -96,19 +98,9 @@ class GuardedWriter:
             try:
                 return attr(*args, **kwargs)
             except Exception as err:  # noqa: BLE001  (clu wraps the write's own error)
-                cause = _root_os_error(err)
+                cause = storage.root_os_error(err)
                 if cause is None and type(err).__name__ != "AsyncError":
                     raise
                 raise OSError(f"could not write the TensorBoard events in {self._logdir}: "
                               f"{cause or err}") from err
         return call
-
-
-def _root_os_error(err: BaseException):
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None

@@ -24,8 +24,9 @@ The forms (KNOWN_FORMS):
                         read with os.pread, so nothing is extracted and threads share the files.
   synthetic:shapes      the embedded dataset (pipeline.make_source builds it).
 
-Broken rows never stop a run: a missing or empty image file, a bad JSON line, a caption that is
-empty or not a string, a tar member cut short... each keeps its index and raises
+Broken rows never stop a run: a missing or empty image file, one over MAX_IMAGE_FILE_BYTES (refused
+from its size, unread), a bad JSON line, a caption that is empty or not a string, a tar member
+cut short... each keeps its index and raises
 `BrokenRecord` when read; the pipeline drops and counts it. A source without a single usable row
 is an error at open, naming it (checked cheaply: stat calls until one good row is found).
 
@@ -67,6 +68,10 @@ KNOWN_FORMS = ("tfds:<name>/<split> (e.g. tfds:coco_captions/train, tfds:cifar10
                "synthetic:shapes (the embedded dataset)")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Image files (and tar members) larger than this are broken records, refused before a byte is
+# read: the largest image the decoder accepts (transforms.MAX_IMAGE_PIXELS, 67 Mpx) fits in it
+# even uncompressed (8-bit RGB: 201 MB), while a mislabelled multi-GB file never fills memory.
+MAX_IMAGE_FILE_BYTES = 256 * 2 ** 20
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 log = logging.getLogger(__name__)
@@ -218,8 +223,18 @@ def _text_record(fields: dict, where: str) -> dict:
     return record
 
 
+def _too_large(size: int) -> str | None:
+    if size > MAX_IMAGE_FILE_BYTES:
+        return (f"{size / 2 ** 20:.0f} MiB image file, over the {MAX_IMAGE_FILE_BYTES // 2 ** 20} "
+                f"MiB cap (sources.MAX_IMAGE_FILE_BYTES); not read")
+    return None
+
+
 def _read_file(path: str) -> bytes:
     try:
+        too_large = _too_large(os.stat(path).st_size)  # before reading: never a 3 GB read
+        if too_large:
+            raise BrokenRecord(f"{path}: {too_large}")
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise BrokenRecord(f"{path}: missing file") from None
@@ -573,6 +588,9 @@ class TarShardSource(Source):
             raise BrokenRecord(f"{self.name} {self.keys[i]}: no {what} member")
         if length == 0:
             raise BrokenRecord(f"{self.name} {self.keys[i]}: empty {what} member")
+        too_large = _too_large(length) if what == "image" else None
+        if too_large:
+            raise BrokenRecord(f"{self.name} {self.keys[i]}: {too_large}")
         try:
             fd = self._fds.get(shard)
             if fd is None:

@@ -13,6 +13,12 @@ import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# The transformer shapes the families' "base" and "large" presets share (BERT, ViT, CLIP vision).
+BASE_SHAPE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                  intermediate_size=3072)
+LARGE_SHAPE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                   intermediate_size=4096)
+
 
 @dataclasses.dataclass(frozen=True)
 class TowerConfig:
