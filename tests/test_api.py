@@ -184,6 +184,8 @@ def test_load_images_names_bad_input(tmp_path):
     _class_folders(tmp_path / "pets")
     with pytest.raises(ValueError, match=r"class_names: 2 names, but .* has 3 classes"):
         valign_jax.load_images(str(tmp_path / "pets"), 24, class_names=["a", "b"])
+    with pytest.raises(FileNotFoundError, match="class_names: .*names.txt does not exist"):
+        valign_jax.load_images(str(tmp_path / "pets"), 24, class_names=str(tmp_path / "names.txt"))
     with pytest.raises(ValueError, match="limit=0"):
         valign_jax.load_images("synthetic:shapes", 32, limit=0)
     with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):

@@ -112,8 +112,10 @@ def load(model: str, step: int | None = None, batch_size: int | None = None) -> 
     batch_size: examples per model call (default: the run's config.eval.batch_size, so its
     figures are the run's own; 256 for an HF checkpoint).
     """
+    import jax
+
     from valign_jax import checkpointing, storage
-    from valign_jax.run_setup import input_setup
+    from valign_jax.run_setup import image_size, input_setup
 
     name = str(model)
     if (storage.path(name) / checkpointing.MODEL_JSON).is_file():
@@ -124,8 +126,8 @@ def load(model: str, step: int | None = None, batch_size: int | None = None) -> 
             raise ValueError(f"{name} trained from cached tower features: its model takes "
                              f"features, not images. Evaluate it with python -m "
                              f"valign_jax.evaluate --workdir={name}")
-        _, collate = input_setup(config, net, workdir=name)
-        image_size = _image_size(config, net)
+        _, collate = input_setup(config, net, workdir=name)  # its learned vocabulary, if any
+        side = image_size(config, net)
     else:
         if step is not None:
             raise ValueError(f"step={step}: {name} is not a training workdir (it has no "
@@ -134,16 +136,10 @@ def load(model: str, step: int | None = None, batch_size: int | None = None) -> 
         _check_hf_location(name)
         net, params, config = _from_hf(name)
         _, collate = input_setup(config, net)
-        image_size = config.model.image.image_size
-    import jax
+        side = config.model.image.image_size
     return LoadedModel(net, jax.device_get(params), collate.tokenizer, tuple(collate.mean),
-                       tuple(collate.std), int(image_size), config, name, step,
+                       tuple(collate.std), int(side), config, name, step,
                        int(batch_size or config.eval.batch_size))
-
-
-def _image_size(config, model) -> int:
-    from valign_jax.run_setup import image_size
-    return image_size(config, model)
 
 
 def _check_hf_location(name: str) -> None:
@@ -223,10 +219,11 @@ def load_images(spec: str, image_size, limit: int | None = None, *,
     class_names: names to write into the prompts instead of the data's own (a list, or a text
     file with one per line, in the classes' order; tfds ImageNet's WordNet ids need them).
     """
+    import ml_collections
+
     from valign_jax import schema
     from valign_jax.data import pipeline
     from valign_jax.evaluation.build import dataset_class_names, open_eval_source, read_class_names
-    import ml_collections
 
     size = int(getattr(image_size, "image_size", image_size))
     if limit is not None and (int(limit) != limit or limit < 1):
@@ -239,7 +236,10 @@ def load_images(spec: str, image_size, limit: int | None = None, *,
     if class_names is None:
         names = dataset_class_names(source)
     elif isinstance(class_names, (str, Path)):
-        names = read_class_names(class_names)
+        if not Path(class_names).expanduser().is_file():
+            raise FileNotFoundError(f"class_names: {class_names} does not exist (a text file "
+                                    f"with one class name per line)")
+        names = read_class_names(Path(class_names).expanduser())
     else:
         names = tuple(str(n) for n in class_names)
     own = pipeline.class_names(source)
