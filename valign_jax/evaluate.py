@@ -1,4 +1,5 @@
-"""`python -m valign_jax.evaluate`: the metrics of a training run's checkpoint, or of an HF CLIP.
+"""`python -m valign_jax.evaluate`: the metrics of a training run's checkpoint, or of an HF CLIP /
+SigLIP / SigLIP 2 checkpoint (--hf).
 
     python -m valign_jax.evaluate --workdir=DIR [--step=N] [--out=FILE.json]
     python -m valign_jax.evaluate --workdir=DIR --zeroshot=tfds:cifar100/test,/data/flowers
@@ -31,7 +32,8 @@ FLAGS = flags.FLAGS
 
 def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_path=None,
              overrides: dict | None = None) -> dict:
-    """Evaluate a run's checkpoint (or an HF CLIP); returns what it writes to `out`."""
+    """Evaluate a run's checkpoint (or an HF two-tower checkpoint); returns what it writes to
+    `out`."""
     from valign_jax import sharding, storage
     from valign_jax.evaluation import ln_shift, plots
     from valign_jax.evaluation.build import make_evaluator
@@ -125,9 +127,10 @@ def _model_of(config, workdir):
 
 
 def _from_hf(hf_path, config):
-    """(model, params, config) of an HF CLIP, the config reading its tokenizer and pixel
-    statistics from the same checkpoint."""
+    """(model, params, config) of an HF two-tower checkpoint (CLIP, SigLIP, SigLIP 2), the
+    config reading its tokenizer, text length and pixel statistics from the same checkpoint."""
     from valign_jax import hf
+    from valign_jax.models import registry
     if config is None:
         raise ValueError("--hf needs --config=configs/<recipe>.py: it says which data to "
                          "evaluate on")
@@ -137,6 +140,8 @@ def _from_hf(hf_path, config):
     with config.unlocked():
         config.model.image.checkpoint = config.model.text.checkpoint = str(hf_path)
         config.model.image.image_size = model.image_config.image_size
+        if registry.family_of(model.text_config).pads_to_max_positions:  # SigLIP: pad to 64
+            config.model.text.max_length = model.text_config.max_position_embeddings
         config.data.feature_cache = ""
     return model, jax.device_get(params), config
 
@@ -205,7 +210,8 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "A training run's directory (python -m valign_jax.main).")
     flags.DEFINE_integer("step", None, "The checkpoint to evaluate (default: the latest).")
     flags.DEFINE_string("out", None, "The metrics JSON (default: <workdir>/eval/step_<N>.json).")
-    flags.DEFINE_string("hf", None, "Evaluate this HF CLIP checkpoint (directory or hub id) as is.")
+    flags.DEFINE_string("hf", None, "Evaluate this HF two-tower checkpoint (CLIP, SigLIP, SigLIP "
+                        "2; directory or hub id) as is.")
     flags.DEFINE_string("eval_data", None, "Replaces config.data.eval (retrieval pairs).")
     flags.DEFINE_string("zeroshot", None, "Replaces config.eval.zeroshot (comma-separated).")
     flags.DEFINE_string("templates", None, "Replaces config.eval.templates "

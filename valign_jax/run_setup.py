@@ -12,8 +12,23 @@ import jax
 from absl import logging
 
 from valign_jax import build, checkpointing, sharding, storage
-from valign_jax.models import FeaturesConfig
+from valign_jax.models import FeaturesConfig, registry
 from valign_jax.models.layout import overlay
+
+
+def check_text_length(max_length: int, text_config) -> None:
+    """A text tower trained on captions padded to its full length (SigLIP pools the last
+    position) must get exactly that length: other padding changes its embeddings."""
+    if isinstance(text_config, FeaturesConfig):
+        return
+    family = registry.family_of(text_config)
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if family.pads_to_max_positions and max_length != positions:
+        raise ValueError(
+            f"config.model.text.max_length={max_length}, but a {family.name} tower pads every "
+            f"caption to its max_position_embeddings={positions} (it pools the last position "
+            f"and was trained so; other padding changes its embeddings): set "
+            f"config.model.text.max_length={positions}")
 
 
 @contextlib.contextmanager
@@ -67,6 +82,7 @@ def input_setup(config, model, second_caption: bool = False, workdir=None, train
     workdir / train_source: where a learned vocabulary is kept, and the captions it is learned
     from when it is not there yet (tokenizer_for)."""
     from valign_jax.data import pipeline
+    check_text_length(config.model.text.max_length, model.text_config)
     tokenizer = tokenizer_for(config, workdir, train_source)
     mean, std = pipeline.normalization(config.model.image, config.data)
     return image_size(config, model), pipeline.Collate(tokenizer, mean, std,

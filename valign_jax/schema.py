@@ -173,8 +173,9 @@ SCHEMA: dict[str, Key] = {
     "model.scan_layers": Key(False, "nn.scan over each tower's layers (faster compiles)"),
     "model.remat": Key("none", "recompute layer activations in the backward pass",
                        choices=_names("models.layers", "REMAT_POLICIES")),
-    "model.attention_impl": Key("xla", "'cudnn': the fused attention kernel on NVIDIA GPUs",
-                                choices=("xla", "cudnn")),
+    "model.attention_impl": Key("auto", "'auto': the fused cuDNN kernel on NVIDIA GPUs in "
+                                "bf16/fp16, XLA's elsewhere; or 'xla' / 'cudnn'",
+                                choices=("auto", "xla", "cudnn")),
     "model.init_from": Key("", "a full CLIP checkpoint or a previous run's workdir to start "
                            "from"),
     "model.logit_scale_init": Key(None, "initial log logit scale (None: the preset's)",

@@ -5,6 +5,8 @@
 
 Reads the tokenizer files of a checkpoint directory (or hub id, through hf.resolve); never runs
 remote code. Every batch has exactly `max_length` tokens, so the train step compiles once.
+Lower-casing and other text normalisation are the checkpoint tokenizer's own (SigLIP's
+lower-cases and strips punctuation itself); `lower_case` adds lower-casing on top.
 A directory without tokenizer files (a model saved without its tokenizer) is a
 FileNotFoundError naming the directory and the files it needs, before transformers is asked
 (which would fail with a TypeError about a None path); the files transformers would open must
@@ -54,8 +56,12 @@ class Tokenizer:
         texts = [t.lower() if self.lower_case else t for t in texts]
         out = self.tokenizer(texts, padding="max_length", truncation=True,
                              max_length=self.max_length, return_tensors="np")
-        return {"input_ids": out["input_ids"].astype(np.int32),
-                "attention_mask": out["attention_mask"].astype(np.int32)}
+        ids = out["input_ids"].astype(np.int32)
+        # A tokenizer that gives no attention mask (SigLIP's SentencePiece one: SigLIP was
+        # trained attending to its padding) gets an all-ones mask, which towers treat as none.
+        mask = out.get("attention_mask")
+        mask = np.ones_like(ids) if mask is None else mask.astype(np.int32)
+        return {"input_ids": ids, "attention_mask": mask}
 
 
 def _check_files(directory) -> None:
