@@ -35,9 +35,9 @@ def loaded(run_dir):
     return valign_jax.load(run_dir)
 
 
-def reference_probs(model, params, pixels, mean, std, tokens_of, names, templates):
-    """Zero-shot probabilities computed apart from the API: the model applied to the whole
-    array at once, NumPy normalisation, averaging and softmax."""
+def reference_logits(model, params, pixels, mean, std, tokens_of, names, templates):
+    """Zero-shot logits (scale * cosine + bias) computed apart from the API: the model applied
+    to the whole array at once, NumPy normalisation and averaging."""
     x = (pixels.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) \
         / np.asarray(std, np.float32)
     img = np.asarray(model.apply({"params": params}, x, method=model.encode_image), np.float64)
@@ -48,7 +48,13 @@ def reference_probs(model, params, pixels, mean, std, tokens_of, names, template
     classes = txt.reshape(len(names), len(templates), -1).mean(axis=1)
     classes /= np.linalg.norm(classes, axis=1, keepdims=True)
     img /= np.linalg.norm(img, axis=1, keepdims=True)
-    logits = np.exp(float(params["logit_scale"])) * img @ classes.T
+    return np.exp(float(params["logit_scale"])) * img @ classes.T \
+        + float(params.get("logit_bias", 0.0))
+
+
+def reference_probs(*args):
+    """The softmax over classes of reference_logits."""
+    logits = reference_logits(*args)
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
@@ -104,6 +110,25 @@ def test_load_reads_an_hf_checkpoint_with_its_tokenizer_and_pixel_statistics(run
     reference = reference_probs(hf_model, hf_params, data.images, mean, std, clip.tokenizer,
                                 data.class_names, ["a photo of a {}."])
     np.testing.assert_allclose(result.probs, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_load_reads_a_siglip_checkpoint(tmp_path):
+    """The HF branch is not CLIP's alone: transformers' tiny SigLIP (the committed fixture, with
+    the demo vocabulary as its tokenizer) loads with texts padded to its 11 positions, and the
+    logits carry its bias: exp(scale) * cosine + bias, as the reference computes them."""
+    import shutil
+    checkpoint = tmp_path / "siglip"
+    shutil.copytree(REPO / "tests" / "fixtures" / "torch" / "siglip", checkpoint)
+    synthetic.save_hf_tokenizer(checkpoint)
+    siglip = valign_jax.load(str(checkpoint))
+    assert siglip.tokenizer.max_length == 11 and siglip.image_size == 30
+    assert "logit_bias" in siglip.params and siglip.mean == (0.5, 0.5, 0.5)
+    data = valign_jax.load_images("synthetic:shapes", siglip, limit=5)
+    result = valign_jax.zero_shot(siglip, data, templates=["a {}."])
+    reference = reference_logits(siglip.model, siglip.params, data.images, siglip.mean,
+                                 siglip.std, siglip.tokenizer, data.class_names, ["a {}."])
+    np.testing.assert_allclose(result.logits, reference, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(result.predicted, result.logits.argmax(axis=1))
 
 
 def test_load_refuses_what_is_not_a_model(tmp_path, run_dir):

@@ -102,8 +102,9 @@ class LoadedModel:
 def load(model: str, step: int | None = None, batch_size: int | None = None) -> LoadedModel:
     """A model with what it needs to read images and texts: a training workdir (its checkpoint
     `step`, the latest by default, with the run's tokenizer and pixel statistics), or a
-    Hugging Face dual-encoder checkpoint (a hub id or a local directory; its own tokenizer and
-    its preprocessor_config.json's pixel statistics, [-1, 1] pixels without one).
+    Hugging Face two-tower checkpoint that hf.load_dual_encoder reads (CLIP, SigLIP; a hub id
+    or a local directory), with its own tokenizer (texts padded to its position table) and its
+    preprocessor_config.json's pixel statistics ([-1, 1] pixels without one).
 
         clip = valign_jax.load("openai/clip-vit-base-patch32")
         run = valign_jax.load("/tmp/clip_demo")
@@ -281,7 +282,9 @@ class _Sample:
 class ZeroShotResult:
     """What `zero_shot` returns. probs: (N, C) class probabilities, the softmax over classes
     of the model's logits (its logit scale times the cosine similarity to each class
-    embedding, plus its logit bias if it has one); predicted: (N,) the most similar class;
+    embedding, plus its logit bias if it has one; a sigmoid-trained model such as SigLIP
+    scores each class on its own as sigmoid(logits), which ranks the classes the same);
+    predicted: (N,) the most similar class;
     metrics: top-1 / top-5 accuracy and the mean per-class recall, as the zero-shot evaluator
     reports them (empty without labels); templates: the prompts each class name was written
     into; image_features (N, D) / class_features (C, D, unit rows): what was compared."""
