@@ -7,7 +7,8 @@ SigLIP / SigLIP 2 checkpoint (--hf).
         --config=configs/clip_refine.py --out=before.json   # CLIP-Refine's "before"
 
 Writes FILE.json — {"step", "source", "metrics", "ln_shift", "plots"} — and next to it
-FILE_pca.png (image and text features in their first two principal components),
+FILE_pca.png (image and text features along the line between their centroids and the main
+direction of what remains),
 FILE_ln_shift.png (LiLT Fig. 4: how far training moved each layer's LayerNorm) and TensorBoard
 scalars in FILE_tensorboard/. FILE defaults to <workdir>/eval/step_<N>.json.
 
