@@ -9,8 +9,8 @@ SigLIP / SigLIP 2 checkpoint (--hf).
     python -m valign_jax.evaluate --workdir=DIR --suite=suites/classification.json
 
 Writes FILE.json — {"step", "source", "metrics", "ln_shift", "plots"} — and next to it
-FILE_pca.png (image and text features along the modality gap, the direction between their
-centroids, and the top principal component of the rest: plots.gap_projection),
+FILE_pca.png (image and text features along the line between their centroids and the main
+direction of what remains),
 FILE_ln_shift.png (LiLT Fig. 4: how far training moved each layer's LayerNorm) and TensorBoard
 scalars in FILE_tensorboard/. FILE defaults to <workdir>/eval/step_<N>.json.
 
