@@ -80,8 +80,9 @@ def cache_all(config, workdir=None) -> list[Path]:
     for split, source in sources.items():
         spec = pipeline.split_spec(config.data, split)[0]
         logging.info("caching %s features of %s (%d examples)", split, spec, len(source))
-        written.append(feature_cache.cache_features(
-            model, params, source, collate, cache_dir(config, split, workdir),
+        written.append(feature_cache.cache_features(  # decoded, eval-transformed records
+            model, params, pipeline.DecodedView(source), collate,
+            cache_dir(config, split, workdir),
             manifest(config, split),
             mesh=mesh, batch_size=config.eval.batch_size))
     return written
