@@ -133,3 +133,27 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]
     params = valign_jax.load_trained(tmp_path)[1]
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_pixels_normalised_on_the_devices_train_as_host_normalised_ones(tmp_path, monkeypatch):
+    """Training batches leave the host as uint8 by default and are normalised on the devices;
+    the run is the same, bit for bit, as one whose host normalises them."""
+    real_global_batch, host_dtypes = sharding.global_batch, []
+
+    def recording(local, mesh):
+        if {"pixel_values", "input_ids"} <= set(local):
+            host_dtypes.append(local["pixel_values"].dtype)
+        return real_global_batch(local, mesh)
+    monkeypatch.setattr(sharding, "global_batch", recording)
+    runs = {}
+    for on_device in (True, False):
+        config = tiny_config("clip", steps=2)
+        config.data.normalize_on_device = on_device
+        host_dtypes.clear()
+        train.train_and_evaluate(config, tmp_path / str(on_device))
+        assert set(host_dtypes) == {np.dtype(np.uint8) if on_device else np.dtype(np.float32)}
+        runs[on_device] = valign_jax.load_trained(tmp_path / str(on_device))[1]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(runs[True]),
+                            jax.tree.leaves(runs[False])):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert read_metrics(tmp_path / "True") == read_metrics(tmp_path / "False")

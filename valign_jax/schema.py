@@ -135,6 +135,9 @@ SCHEMA: dict[str, Key] = {
     "data.image_mean": Key((0.5, 0.5, 0.5), "per-channel mean (pixels in [0, 1]); a "
                            "checkpoint's preprocessor_config.json wins"),
     "data.image_std": Key((0.5, 0.5, 0.5), "per-channel std, > 0"),
+    "data.normalize_on_device": Key(True, "training batches go to the devices as uint8 pixels "
+                                    "and are normalised there (a quarter of the bytes, no "
+                                    "float work on the host; the same values bit for bit)"),
     "data.lower_case": Key(False, "lower-case captions before tokenizing"),
     "data.tokenizer": Key("auto", "text towers without a checkpoint: 'learned' (a vocabulary "
                           "learned from the training captions, kept in the workdir), 'words' "

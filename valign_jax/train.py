@@ -33,7 +33,7 @@ from absl import logging
 
 from valign_jax import checkpointing, frozen_towers, objectives, optim, peft, sharding
 from valign_jax.config_checks import check_config
-from valign_jax.data import feature_cache, pipeline
+from valign_jax.data import feature_cache, pipeline, pixels
 from valign_jax.evaluation.build import make_evaluator
 from valign_jax.models.layout import abstract_params
 from valign_jax.recipes import load_config
@@ -122,6 +122,7 @@ class _Run:
     image_size: int
     evaluator: object
     mesh: object
+    to_device: Callable       # the host's batch -> the global batch on the mesh
 
 
 def _start(config, workdir) -> _Run:
@@ -146,7 +147,8 @@ def _start(config, workdir) -> _Run:
                                             image_size(config, model), "config.data.train")
         size, collate = input_setup(config, model, second_caption, workdir, train_source)
         report_unknown_tokens(collate, train_source)
-        train_data = pipeline.train_dataset(train_source, collate, config.batch_size,
+        train_data = pipeline.train_dataset(train_source, _training_collate(config, collate),
+                                            config.batch_size,
                                             config.seed, config.data.threads,
                                             num_workers=config.data.workers)
     total_steps = config.total_steps or math.ceil(
@@ -158,8 +160,18 @@ def _start(config, workdir) -> _Run:
                                else None,
                                frozen_towers.TowerFeatures(config, workdir, mesh) if cached
                                else None)
+    normalizer = pixels.DeviceNormalizer(collate.mean, collate.std)
     return _Run(model, trainer, trainable, iter(train_data), train_source, total_steps,
-                collate, size, evaluator, mesh)
+                collate, size, evaluator, mesh,
+                lambda local: normalizer(sharding.global_batch(local, mesh)))
+
+
+def _training_collate(config, collate):
+    """The training stream's Collate: uint8 pixels, normalised on the devices by the loop
+    (config.data.normalize_on_device), else float32 ones as the evaluators get."""
+    if not config.data.normalize_on_device:
+        return collate
+    return dataclasses.replace(collate, normalize_on_host=False)
 
 
 def _run(config, workdir, run: _Run) -> dict:
@@ -195,7 +207,7 @@ def _run(config, workdir, run: _Run) -> dict:
     finished = False
     try:
         with Preemption() as preemption:
-            _train_loop(config, trainer, state, teacher, run.train_iter, run.mesh, start,
+            _train_loop(config, trainer, state, teacher, run.train_iter, run.to_device, start,
                         total_steps, checkpoints, evaluator, log, preemption)
         checkpoints.wait()  # the run reports success only once its last checkpoint is on disk
         finished = True
@@ -210,7 +222,7 @@ def _run(config, workdir, run: _Run) -> dict:
     return log.last
 
 
-def _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_steps,
+def _train_loop(config, trainer, state, teacher, train_iter, to_device, start, total_steps,
                 checkpoints, evaluator, log, preemption):
     stop_on_nonfinite = config.on_nonfinite == "stop"  # "skip": the step itself drops them
     pending, previous = [], None
@@ -218,7 +230,7 @@ def _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             local = next(train_iter)
             log.skipped += int(local.pop("skipped", np.zeros(1)).sum())
-            batch = sharding.global_batch(local, mesh)
+            batch = to_device(local)
             args = (state, batch) if teacher is None else (state, batch, teacher)
             state, metrics = trainer.train_step(*args)
         pending.append(metrics)
