@@ -35,7 +35,11 @@ GROUPS = {
     "micro_batches": ("micro_batches_8_vs_1_peak_memory_ratio",
                       "micro_batches_2_vs_1_step_time_ratio"),
     "sail": ("cached_vs_end_to_end_pairs_per_s_ratio",),
-    "data_pipeline": ("data_pipeline_vs_tf_data_images_per_s_ratio",),
+    "data_pipeline": ("data_pipeline_vs_tf_data_images_per_s_ratio",
+                      "data_pipeline_randaugment_vs_tf_data_images_per_s_ratio",
+                      "eval_transform_vs_tf_data_images_per_s_ratio",
+                      "data_pipeline_1_worker_images_per_s",
+                      "data_pipeline_2_workers_images_per_s"),
 }
 C, S = common.ClipSizes, sail_throughput.SailSizes
 MODES = {
@@ -43,21 +47,21 @@ MODES = {
     "tiny": dict(clip=C("vit_tiny", "bert_tiny", 32, 16, 8, projection_dim=64),
                  compile=C("vit_tiny", "bert_tiny", 32, 16, 2, projection_dim=64),
                  sail=S("dinov2_tiny", "bert_tiny", 32, 16, 8, 64, projection_dim=64),
-                 ring=(1024, 64), data=(8, 2), timing=(1, 2),
+                 ring=(1024, 64), data=(8, 2, 1), timing=(1, 2),
                  micro=(C("vit_tiny", "bert_tiny", 32, 16, 64, projection_dim=64), 8,
                         C("vit_tiny", "bert_tiny", 32, 16, 16, projection_dim=64), 2)),
     "quick": dict(clip=C(image_size=64, text_length=16, batch=8, layers=6),
                   compile=C(image_size=64, text_length=16, batch=2),
                   sail=S(image_size=112, text_length=40, batch=2, cached_batch=256),
-                  ring=(32768, 1024), data=(128, 6), timing=(1, 6),
+                  ring=(32768, 1024), data=(128, 6, 2), timing=(1, 6),
                   micro=(C(batch=1024), 8, C(image_size=64, text_length=16, batch=16), 2)),
     "full": dict(clip=C(batch=8), compile=C(batch=8), sail=S(batch=8, cached_batch=1024),
-                 ring=(32768, 1024), data=(512, 24), timing=(2, 5),
+                 ring=(32768, 1024), data=(512, 24, 2), timing=(2, 5),
                  micro=(C(batch=1024), 8, C(image_size=64, text_length=16, batch=16), 2)),
     "accelerator": dict(clip=C(batch=256, dtype="bfloat16"),
                         compile=C(batch=256, dtype="bfloat16"),
                         sail=S(batch=256, dtype="bfloat16"),
-                        ring=(32768, 1024), data=(512, 24), timing=(3, 10),
+                        ring=(32768, 1024), data=(512, 24, 2), timing=(3, 10),
                         micro=(C(batch=1024), 8, C(batch=256, dtype="bfloat16"), 2)),
 }
 
@@ -76,8 +80,8 @@ def run_group(group: str, mode: dict, args) -> dict:
     if group == "sail":
         return sail_throughput.measure(mode["sail"], mode["timing"])
     from benchmarks import data_pipeline
-    images, batches = mode["data"]
-    return data_pipeline.measure(images, batches, threads=2)
+    images, batches, rounds = mode["data"]
+    return data_pipeline.measure(images, batches, threads=2, rounds=rounds)
 
 
 def summary(figures: dict) -> str:

@@ -35,7 +35,9 @@ def get_config(arg=None):
     # The towers are frozen: their features are computed once into <workdir>/feature_cache
     # (the first run builds it) and training reads only those.
     c.data.feature_cache = "feature_cache"
-    c.data.train, c.data.eval = "pairs.jsonl", "tfds:coco_captions/test"
+    # COCO's captions stand in; SAIL's own data (CC3M/CC12M with long captions) is a
+    # pairs.jsonl whose rows carry `long_caption`: --config.data.train=PATH/pairs.jsonl
+    c.data.train, c.data.eval = "tfds:coco_captions/train", "tfds:coco_captions/test"
     c.batch_size, c.num_epochs = 32_768, 50
     c.optim.update(name="lion", lr=1e-5, warmup_init_lr=0.0, end_lr=0.0, warmup_fraction=0.1,
                    b1=0.9, b2=0.99, weight_decay=1e-4)

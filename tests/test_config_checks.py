@@ -182,7 +182,7 @@ def test_train_and_evaluate_refuses_a_bad_config_before_any_compute(tmp_path, mo
     incompatible option: asserts the ConfigError names both, and the workdir was never made."""
     def forbidden(*args, **kwargs):
         raise AssertionError("compute started before the config was checked")
-    for target, name in ((train, "build_model"), (train, "prepare_workdir"),
+    for target, name in ((train, "build_model"), (train, "RunDirectory"),
                          (frozen_towers, "cached_model"), (jax, "jit")):
         monkeypatch.setattr(target, name, forbidden)
     config = tiny_config("sail")

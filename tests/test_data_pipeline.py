@@ -54,6 +54,29 @@ def pairs(tmp_path_factory):
     return root / "pairs.jsonl"
 
 
+@pytest.fixture(scope="module")
+def jpeg_pairs(tmp_path_factory):
+    """Like `pairs`, with JPEGs of 60-200 px: large enough for the 16-px transforms to decode
+    them at 1/2, 1/4 or 1/8 scale."""
+    root = tmp_path_factory.mktemp("jpeg_pairs")
+    rows = []
+    for i in range(N):
+        rng = np.random.default_rng(i)
+        size = tuple(rng.integers(60, 200, 2))
+        smooth = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(
+            size[::-1], Image.BILINEAR)
+        smooth.save(root / f"{i}.jpg", quality=90)
+        kind = BROKEN.get(i)
+        if kind == "missing":
+            (root / f"{i}.jpg").unlink()
+        elif kind == "text":
+            (root / f"{i}.jpg").write_text("not an image")
+        caption = "" if kind == "caption" else [f"row {i}", f"image {i}"]
+        rows.append({"image": f"{i}.jpg", "caption": caption})
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root / "pairs.jsonl"
+
+
 def local_source(path, image_size=16):
     source = sources.open_source(str(path), "config.data.train")
     source.train_transform = transforms.TrainTransform(image_size)
@@ -189,6 +212,31 @@ def test_restore_mid_stream_continues_exactly(pairs, tmp_path):
 
     restored = stream(source, 4, seed=0)
     manager.restore(3, args=ocp.args.Composite(data=pipeline.iterator_restore_args(restored)))
+    for expected in continued:
+        assert_same(next(restored), expected)
+
+
+def test_jpeg_stream_at_reduced_scale_is_seeded_and_restores_exactly(jpeg_pairs, tmp_path):
+    """JPEGs decoded at reduced scale, batches kept uint8 for the device: the same seed gives the
+    same batches, broken rows are counted as replayed from the shuffle order, and a state saved
+    mid-epoch restores the exact rest of the stream."""
+    source = local_source(jpeg_pairs)
+    collate = pipeline.Collate(IndexTokenizer(), MEAN, STD, normalize_on_host=False)
+
+    def uint8_stream():
+        return iter(pipeline.train_dataset(source, collate, 4, 0))
+
+    a, b = uint8_stream(), uint8_stream()
+    first = [next(a) for _ in range(3)]
+    for batch in first:
+        assert_same(batch, next(b))
+        assert batch["pixel_values"].dtype == np.uint8
+    state = a.get_state()                       # after 3 batches of 4: mid-epoch 1 (16 rows)
+    continued = [next(a) for _ in range(4)]
+    assert [rows_of(x) for x in first + continued] == [tuple(e) for e in
+                                                      expected_batches(0, 4, 7)]
+    restored = uint8_stream()
+    restored.set_state(state)
     for expected in continued:
         assert_same(next(restored), expected)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from valign_jax.data import pipeline, sources, transforms
+from valign_jax.data import pipeline, sources, synthetic, transforms
 from valign_jax.data.transforms import BrokenRecord
 
 DATA_CFG = SimpleNamespace(image_mean=(0.5,) * 3, image_std=(0.5,) * 3, num_train=8, num_eval=8,
@@ -242,8 +242,7 @@ def test_tfds_coco_captions_source_and_batch():
         assert record["image"].dtype == np.uint8 and record["image"].ndim == 3
         assert len(record["captions"]) > 1 and record["caption"] == record["captions"][0]
         assert all(isinstance(c, str) and c for c in record["captions"])
-        collate = pipeline.Collate(pipeline.make_tokenizer(SimpleNamespace(
-            checkpoint="", max_length=8)), (0.5,) * 3, (0.5,) * 3)
+        collate = pipeline.Collate(synthetic.WordTokenizer(8), (0.5,) * 3, (0.5,) * 3)
         batch = next(iter(pipeline.train_dataset(source, collate, 4, seed=0)))
     assert batch["pixel_values"].shape == (4, 16, 16, 3)
     assert batch["input_ids"].shape == (4, 8) and batch["skipped"].tolist() == [0] * 4

@@ -79,7 +79,7 @@ def test_full_clip_needs_part(torch_fixture):
     with pytest.raises(ValueError, match="part='text' or part='vision'"):
         hf.load_tower(path)
     bert, _ = torch_fixture("bert")
-    with pytest.raises(ValueError, match="load_dual_encoder reads full CLIP"):
+    with pytest.raises(ValueError, match="load_dual_encoder reads two-tower checkpoints.*not model_type=.bert."):
         hf.load_dual_encoder(bert)
 
 

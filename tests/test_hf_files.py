@@ -264,6 +264,29 @@ def test_a_clip_half_is_checked_under_its_own_key(torch_fixture, tmp_path):
         hf.load_dual_encoder(tmp_path / "clip")
 
 
+@pytest.mark.parametrize("name, changes, expected", [
+    ("siglip", {"vision_config.vision_use_head": "yes"},
+     "vision_config.vision_use_head='yes' (str) must be true or false"),
+    ("siglip", {"text_config.projection_size": 0},
+     "text_config.projection_size=0 (int) must be a positive integer"),
+    ("siglip2_naflex", {"vision_config.num_patches": 16.0},
+     "vision_config.num_patches=16.0 (float) must be a positive integer"),
+    ("siglip2_naflex", {"vision_config.num_hidden_layers": 3},
+     "vision_config.num_hidden_layers=3, but the weights"),
+])
+def test_siglip_configs_are_checked_per_half(torch_fixture, tmp_path, name, changes, expected):
+    """SigLIP's and SigLIP 2's config.json pass the checks as transformers writes them, and a
+    bad value in either half is one error naming the file and the key."""
+    source, _ = torch_fixture(name)
+    shutil.copytree(source, tmp_path / name)
+    assert hf.read_config(tmp_path / name)["model_type"] == name.split("_")[0]
+    edit_config(tmp_path / name, **changes)
+    with pytest.raises(hf_files.HFFileError) as err:
+        hf.load_dual_encoder(tmp_path / name)
+    assert str(tmp_path / name / "config.json") in str(err.value)
+    assert expected in str(err.value)
+
+
 @pytest.mark.parametrize("text, expected", [
     ("{not json", "config.json is not valid JSON"),
     ("[1, 2]", "config.json must hold a JSON object, not a list"),

@@ -92,3 +92,64 @@ def test_evaluate_hf_without_a_tokenizer_is_one_fatal_line(torch_fixture, tmp_pa
     fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL:")]
     assert len(fatal) == 1 and f"no usable tokenizer files in {clip}" in fatal[0]
     assert "Traceback" not in proc.stderr and "TypeError" not in proc.stderr
+
+
+# SigLIP's SentencePiece tokenizer and SigLIP 2's Gemma one, made offline: a tiny SentencePiece
+# model trained here, with the tokenizer_config.json their checkpoints carry.
+CORPUS = ["a photo of a red circle", "two small blue squares on the left",
+          "a large green triangle at the top", "one yellow cross"] * 20
+
+
+def sentencepiece_checkpoint(directory, kind):
+    import io
+    import json
+    spm = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    ids = (dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram") if kind == "siglip"
+           else dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, model_type="bpe"))
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=model,
+                                   vocab_size=32, minloglevel=2, **ids)
+    name, cls = (("spiece.model", "SiglipTokenizer") if kind == "siglip"
+                 else ("tokenizer.model", "GemmaTokenizer"))
+    (directory / name).write_bytes(model.getvalue())
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": cls, "model_max_length": 64}))
+    return directory
+
+
+def test_siglip_tokenizer_canonicalises_and_pads_to_max_length(tmp_path):
+    """SigLIP's tokenizer lower-cases and strips punctuation itself; captions end with </s> and
+    pad to exactly max_length (the length SigLIP was trained on)."""
+    tok = Tokenizer(sentencepiece_checkpoint(tmp_path, "siglip"), max_length=12)
+    batch = tok(["A Red  Circle!!", "a red circle", "two small blue squares on the left " * 3])
+    reference = tf.AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = batch["input_ids"]
+    assert ids.shape == (3, 12) and ids[0].tolist() == ids[1].tolist()
+    real = reference("a red circle")["input_ids"]
+    assert real[-1] == reference.eos_token_id
+    assert ids[0].tolist() == real + [reference.pad_token_id] * (12 - len(real))
+    assert ids[2, -1] == reference.eos_token_id  # truncated, still ending in </s>
+    assert batch["attention_mask"][0].tolist() == [1] * len(real) + [0] * (12 - len(real))
+
+
+def test_gemma_tokenizer_with_lower_casing(tmp_path):
+    """SigLIP 2's Gemma tokenizer starts with <bos> and does not lower-case: the recipe's
+    data.lower_case does (SigLIP 2 was trained on lower-cased text)."""
+    directory = sentencepiece_checkpoint(tmp_path, "gemma")
+    cased, lowered = Tokenizer(directory, 10), Tokenizer(directory, 10, lower_case=True)
+    assert cased(["A Red Circle"])["input_ids"][0].tolist() != \
+        cased(["a red circle"])["input_ids"][0].tolist()
+    batch = lowered(["A Red Circle", "a red circle"])
+    reference = tf.AutoTokenizer.from_pretrained(str(directory))
+    assert batch["input_ids"][0].tolist() == batch["input_ids"][1].tolist()
+    assert batch["input_ids"][0, 0] == reference.bos_token_id
+    assert batch["input_ids"].shape == (2, 10)
+
+
+def test_a_tokenizer_without_attention_masks_gets_all_ones(bert_dir):
+    """Tokenizers whose model_input_names leave the mask out (SigLIP's used to) give none;
+    the batch then says every position counts, which towers read as no mask."""
+    tok = Tokenizer(bert_dir, max_length=6)
+    tok.tokenizer.model_input_names = ["input_ids"]
+    batch = tok(["cat"])
+    assert batch["attention_mask"].tolist() == [[1] * 6] and batch["input_ids"].shape == (1, 6)

@@ -21,7 +21,7 @@ import json, sys
 import jax
 from valign_jax import sharding, train
 from valign_jax.data import pipeline
-from valign_jax.run_setup import build_model, initial_params
+from valign_jax.run_setup import build_model, initial_params, input_setup
 sys.path.insert(0, "tests")
 from train_helpers import tiny_config
 
@@ -30,8 +30,7 @@ for recipe, arg in (("clip", "demo"), ("siglip", "chunked,demo")):
     config = tiny_config(recipe, arg, steps=5, batch_size=16)
     config.mesh.min_fsdp_size = 256
     model = build_model(config)
-    collate = pipeline.Collate(pipeline.make_tokenizer(config.model.text), config.data.image_mean,
-                               config.data.image_std)
+    collate = input_setup(config, model)[1]
     source = pipeline.make_source(config.data.train, "train", config.data,
                                   model.image_config.image_size, "config.data.train")
     stream = iter(pipeline.train_dataset(source, collate, config.batch_size, config.seed))

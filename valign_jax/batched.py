@@ -12,6 +12,7 @@ device. Evaluation, the feature cache and zero-shot prompts all go through here.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 import jax
@@ -21,8 +22,9 @@ from valign_jax import sharding
 
 
 def progress(iterable, total: int, desc: str):
-    """A progress bar on process 0 for host loops long enough to want one (and named)."""
-    if total < 8 or not desc or jax.process_index() != 0:
+    """A progress bar on process 0 for host loops long enough to want one (and named), where a
+    terminal shows it: in a log file a bar is only noise between the log lines."""
+    if total < 8 or not desc or jax.process_index() != 0 or not sys.stderr.isatty():
         return iterable
     from tqdm.auto import tqdm
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)

@@ -14,6 +14,7 @@ import json
 from valign_jax import hf, losses
 from valign_jax.models import registry
 from valign_jax.models.dual_encoder import DualEncoder
+from valign_jax.special_tokens import SPECIAL_IDS
 
 _HEAD_FIELDS = ("projection_dim", "image_head", "text_head", "head_bias", "logit_scale_init",
                 "logit_bias_init", "fusion_layers", "fusion_heads", "fusion_width")
@@ -23,7 +24,7 @@ def _overrides(tower_cfg, model_cfg, side: str) -> dict:
     """Run options and shape overrides the config sets on one tower."""
     overrides = dict(dtype=model_cfg.dtype, scan_layers=model_cfg.scan_layers,
                      remat=model_cfg.remat, adapter_init=model_cfg.adapter_init,
-                     attention_impl=model_cfg.get("attention_impl", "xla"),
+                     attention_impl=model_cfg.get("attention_impl", "auto"),
                      adapter_dim=tower_cfg.adapter_dim, deep_layers=tower_cfg.deep_layers)
     if tower_cfg.pooling:
         overrides["pooling"] = tower_cfg.pooling
@@ -49,7 +50,16 @@ def tower_config(tower_cfg, model_cfg, side: str, use_checkpoint_config: bool):
         config, _ = hf.tower_config(hf_config, _part(hf_config, side),
                                     source=str(directory / "config.json"), **overrides)
         return config
-    return registry.preset(tower_cfg.preset, **overrides)
+    config = registry.preset(tower_cfg.preset, **overrides)
+    return _scratch_token_ids(config) if side == "text" else config
+
+
+def _scratch_token_ids(config):
+    """A text tower built from a preset reads the special-token ids of the tokenizers made
+    for scratch towers (special_tokens.py): its end-of-text pooling must find their [EOS]."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    ids = {f"{k}_token_id": v for k, v in SPECIAL_IDS.items() if f"{k}_token_id" in fields}
+    return config.replace(**ids) if ids else config
 
 
 def pretrained_towers(model_cfg) -> dict:
@@ -113,7 +123,19 @@ def from_description(description: dict, source: str = "model.json") -> DualEncod
                        **heads)
 
 
+# Tower options that change how a step computes, not the parameters a checkpoint holds: a run
+# may resume with other values.
+COMPUTE_OPTIONS = ("attention_impl", "remat", "dtype")
+
+
 def description_changes(old: dict, new: dict) -> list[str]:
-    """The top-level keys in which two model descriptions (`describe`) differ."""
-    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    """The top-level keys in which two model descriptions (`describe`) differ in what the
+    parameters depend on (COMPUTE_OPTIONS may differ)."""
+    def parameters_only(description):
+        description = json.loads(json.dumps(description))
+        for key in ("image_config", "text_config"):
+            for option in COMPUTE_OPTIONS:
+                description.get(key, {}).pop(option, None)
+        return description
+    old, new = parameters_only(old), parameters_only(new)
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

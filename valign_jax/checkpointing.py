@@ -201,24 +201,13 @@ class Checkpoints:
                     else "there is no earlier checkpoint")
         except Exception as list_err:  # noqa: BLE001  (the directory itself may be gone)
             kept = f"listing the earlier checkpoints failed too ({list_err})"
-        cause = _root_os_error(err) or err
+        cause = storage.root_os_error(err) or err
         error = CheckpointWriteError(
             f"could not write the checkpoint of step {step} to {self.directory}: {cause}. "
             f"The run stopped; {kept}. Free disk space or make the directory writable, then "
             f"rerun the same command to resume.")
         error.errno = getattr(cause, "errno", None)
         return error
-
-
-def _root_os_error(err: BaseException) -> OSError | None:
-    """The OSError (ENOSPC, EACCES, EROFS, ...) behind an exception orbax may have wrapped."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def restore_params(workdir, step: int | None = None):

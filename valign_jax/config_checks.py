@@ -36,9 +36,11 @@ def check_config(config, *, devices=True, mode: str = "train") -> None:
     devices: True checks the mesh and the batch against this machine's devices, a list against
     those, False skips it. mode: "train", or "cache_features" (needs data.feature_cache)."""
     problems = find_problems(config, devices=devices, mode=mode)
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
-        raise ConfigError(f"invalid config ({len(problems)} problem"
-                          f"{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(problems))
+        raise ConfigError(f"invalid config ({len(problems)} problems):\n  "
+                          + "\n  ".join(problems))
 
 
 def find_problems(config, *, devices=True, mode: str = "train", _seen=()) -> list[str]:
@@ -245,10 +247,18 @@ def value_problems(config) -> list[str]:
                         f"config.total_steps > 0)")
     if any(s <= 0 for s in config.data.image_std):
         problems.append(f"config.data.image_std={tuple(config.data.image_std)}: must be > 0")
+    tokenizer = config.data.tokenizer
+    if tokenizer not in ("auto", "words", "learned") and not (
+            Path(tokenizer).expanduser().is_dir() or tokenizer.count("/") == 1):
+        problems.append(f"config.data.tokenizer={tokenizer!r}: expected 'auto', 'words', "
+                        f"'learned', or a directory of tokenizer files (or a hub id)")
+    from valign_jax.data.sources import spec_problem
     for key in ("data.train", "data.eval"):
         if not get(config, key).strip():
             problems.append(f"config.{key} is empty: name a data source (e.g. "
                             f"'synthetic:shapes', a pairs.jsonl, 'tfds:coco_captions/test')")
+        elif spec_problem(get(config, key), f"config.{key}"):
+            problems.append(spec_problem(get(config, key), f"config.{key}"))
     return problems + _delegated_problems(config)
 
 
@@ -291,7 +301,9 @@ def combination_problems(config, mode: str = "train") -> list[str]:
     from valign_jax.evaluation import registry
     problems = []
     objective, model = config.objective, config.model
-    chosen = objectives.kinds()[objective.kind]
+    chosen = objectives.kinds().get(objective.kind)
+    if chosen is None:  # reported with the choices already
+        return problems
     active = [a for a in objectives.auxiliaries().values() if objective.get(a.weight_key, 0)]
     used = set(chosen.options) | {o for a in active for o in a.options}
     owners: dict[str, list] = {}  # an option the chosen objective lacks: who has it

@@ -3,7 +3,9 @@
     tower, params = hf.load_tower("google/vit-base-patch16-224")       # or a local directory
     tower, params = hf.load_tower("openai/clip-vit-base-patch32", part="text")
     model, params = hf.load_dual_encoder("openai/clip-vit-base-patch32")
+    model, params = hf.load_dual_encoder("google/siglip-base-patch16-224")  # + logit_bias
     hf.save_tower(tower, params, "out/")                                # loads in transformers
+    hf.save_dual_encoder(model, params, "out/")                         # a SiglipModel again
 
 Reads `config.json` and the weights from `model.safetensors` (PyTorch layout, or sharded with
 `model.safetensors.index.json`) or `flax_model.msgpack` (Flax layout). PyTorch layout is converted
@@ -34,7 +36,7 @@ from flax import serialization, traverse_util
 from valign_jax.hf_files import (HUB_PATTERNS, MSGPACK, PICKLES, SAFETENSORS,  # noqa: F401
                                  SAFETENSORS_INDEX, MissingTensorError, read_config,
                                  read_weights, resolve)
-from valign_jax.models import CLIPTextConfig, CLIPVisionConfig, DualEncoder, registry
+from valign_jax.models import DualEncoder, registry
 from valign_jax.models.config import TowerConfig
 from valign_jax.models.layers import interpolate_patch_positions
 from valign_jax.models.layout import (abstract_params, scanned_layer_paths, stack_layers,
@@ -76,11 +78,11 @@ def checkpoint_key(path: tuple[str, ...], layout: str, prefix: str = "") -> str:
     return ".".join(([prefix] if prefix else []) + parts)
 
 
-def _position_table(path, value, spec) -> int | None:
+def _position_table(path, value, spec, tables) -> int | None:
     """For a position table stored for another image size (same width): how many rows lead
-    its patch grid (a tower family's `position_table`); else None."""
+    its patch grid (`tables`: the image tower family's `position_table`); else None."""
     name = "/".join(path)
-    for suffix, prefix_tokens in registry.position_tables().items():
+    for suffix, prefix_tokens in tables.items():
         if name.endswith(suffix) and value.ndim == len(spec.shape) \
                 and value.shape[-1] == spec.shape[-1]:
             return prefix_tokens
@@ -108,8 +110,23 @@ def _find_prefix(flat, expected, layout, prefixes, file) -> str:
         f"{list(prefixes)}; the file's keys start {sample}. Is this the right model_type?")
 
 
-def convert(flat: dict, layout: str, expected: dict, prefix: str, file: Path) -> dict:
-    """Our flat {path: array} from a checkpoint's flat weights, checked against `expected` shapes."""
+def _image_position_tables(module) -> dict[str, int]:
+    """{path suffix: prefix rows} of the position table of `module`'s image tower (a tower or a
+    DualEncoder), which loading may resize."""
+    if hasattr(module, "image_config"):
+        return {f"vision_model/{suffix}": rows for suffix, rows
+                in registry.position_tables(module.image_config).items()}
+    if registry.modality(module.config) != "image":
+        return {}
+    return registry.position_tables(module.config)
+
+
+def convert(flat: dict, layout: str, expected: dict, prefix: str, file: Path,
+            position_tables: dict | None = None) -> dict:
+    """Our flat {path: array} from a checkpoint's flat weights, checked against `expected` shapes.
+    position_tables: {path suffix: prefix rows} of tables to resize when stored for another
+    image size (default: every family's)."""
+    tables = registry.position_tables() if position_tables is None else position_tables
     params, used = {}, set()
     for path, spec in expected.items():
         key = checkpoint_key(path, layout, prefix)
@@ -125,7 +142,9 @@ def convert(flat: dict, layout: str, expected: dict, prefix: str, file: Path) ->
         value = np.asarray(flat[key])
         if layout == "pytorch":
             value = _from_pytorch(path[-1], value)
-        prefix_tokens = _position_table(path, value, spec)
+        if spec.shape == () and value.shape == (1,):
+            value = value.reshape(())  # SiglipModel keeps logit_scale / logit_bias as (1,)
+        prefix_tokens = _position_table(path, value, spec, tables)
         if tuple(value.shape) != tuple(spec.shape) and prefix_tokens is not None:
             log.info("%s: resizing %s from %s to %s", file, key, value.shape, tuple(spec.shape))
             value = _resize_position_table(value, spec.shape, prefix_tokens)
@@ -152,7 +171,8 @@ def _load_into(module, inputs, checkpoint, prefixes):
             text_config=module.text_config.replace(scan_layers=False))
     expected = traverse_util.flatten_dict(abstract_params(unrolled, **inputs))
     prefix = _find_prefix(flat, expected, layout, prefixes, file)
-    params = traverse_util.unflatten_dict(convert(flat, layout, expected, prefix, file))
+    params = traverse_util.unflatten_dict(convert(flat, layout, expected, prefix, file,
+                                                  _image_position_tables(unrolled)))
     params = stack_layers(params, scanned)
     return jax.tree_util.tree_map(jax.numpy.asarray, params)
 
@@ -188,7 +208,8 @@ def tower_config(hf_config: dict, part: str | None = None, *, source: str = "con
 
 
 def load_tower(path_or_hub_id, part: str | None = None, **run_options):
-    """(tower module, params) of a BERT / ViT / DINOv2 / CLIP-text / CLIP-vision checkpoint.
+    """(tower module, params) of a single-tower checkpoint (BERT, ViT, DINOv2, CLIP, SigLIP,
+    SigLIP 2 text or vision), or of one half of a two-tower one (`part`="vision" | "text").
 
     run_options set this codebase's options on the tower config: dtype="bfloat16",
     scan_layers=True, remat="full", pooling="mean", ...
@@ -204,30 +225,33 @@ def load_tower(path_or_hub_id, part: str | None = None, **run_options):
 
 
 def load_dual_encoder(path_or_hub_id, **run_options):
-    """(DualEncoder, params) of a full CLIP checkpoint: towers, projections and logit scale."""
+    """(DualEncoder, params) of a full two-tower checkpoint: CLIP (towers, linear projections,
+    logit scale) or SigLIP / SigLIP 2 (towers with their own heads, logit scale and bias).
+    The checkpoint types are the registered `DualCheckpoint`s (models/registry.py)."""
     directory = resolve(path_or_hub_id)
     hf_config = read_config(directory)
-    if hf_config.get("model_type") != "clip":
-        raise ValueError(f"{directory / 'config.json'}: load_dual_encoder reads full CLIP "
-                         f"checkpoints (model_type 'clip'), not {hf_config.get('model_type')!r}")
+    kind = registry.dual_checkpoint(hf_config.get("model_type"), str(directory / "config.json"))
     image_config, _ = tower_config(hf_config, "vision", **run_options)
     text_config, _ = tower_config(hf_config, "text", **run_options)
-    model = DualEncoder(image_config, text_config,
-                        projection_dim=hf_config.get("projection_dim", 512),
-                        logit_scale_init=hf_config.get("logit_scale_init_value", 2.6592))
+    model = DualEncoder(image_config, text_config, image_head=kind.heads, text_head=kind.heads,
+                        **kind.settings(hf_config, image_config, text_config))
     return model, _load_into(model, model.dummy_inputs(), read_weights(directory), ("",))
 
 
-def _write(directory: Path, hf_config: dict, module, params, prefix: str, formats):
+def _write(directory: Path, hf_config: dict, module, params, prefix: str, formats,
+           logit_shape: tuple[int, ...] = ()):
     directory.mkdir(parents=True, exist_ok=True)
     params = unstack_layers(jax.device_get(params), scanned_layer_paths(module))
     flat = traverse_util.flatten_dict(params)
     if "safetensors" in formats:
         from safetensors.numpy import save_file
         # np.array(order="C"), not np.ascontiguousarray: that turns the 0-d logit_scale into
-        # shape (1,), which HF's CLIPModel (a 0-d parameter) and our loader refuse.
-        tensors = {checkpoint_key(p, "pytorch", prefix): np.array(
-            _to_pytorch(p[-1], np.asarray(v, np.float32)), order="C") for p, v in flat.items()}
+        # shape (1,), which HF's CLIPModel (a 0-d parameter) and our loader refuse. SiglipModel
+        # wants exactly that shape: `logit_shape`.
+        def tensor(path, value):
+            value = np.array(_to_pytorch(path[-1], np.asarray(value, np.float32)), order="C")
+            return value.reshape(logit_shape) if path in _LOGIT_PATHS else value
+        tensors = {checkpoint_key(p, "pytorch", prefix): tensor(p, v) for p, v in flat.items()}
         save_file(tensors, directory / SAFETENSORS, metadata={"format": "pt"})
     if "msgpack" in formats:
         tree = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), params)
@@ -235,6 +259,9 @@ def _write(directory: Path, hf_config: dict, module, params, prefix: str, format
             {prefix: tree} if prefix else tree))
     with open(directory / "config.json", "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
+
+
+_LOGIT_PATHS = (("logit_scale",), ("logit_bias",))
 
 
 def save_tower(tower, params, out_dir, formats=("safetensors", "msgpack")):
@@ -247,15 +274,25 @@ def save_tower(tower, params, out_dir, formats=("safetensors", "msgpack")):
 
 
 def save_dual_encoder(model: DualEncoder, params, out_dir, formats=("safetensors", "msgpack")):
-    """Write a CLIP dual encoder (CLIP towers, linear heads without bias) as an HF CLIPModel."""
-    if not (isinstance(model.image_config, CLIPVisionConfig)
-            and isinstance(model.text_config, CLIPTextConfig) and model.image_head == "linear"
-            and model.text_head == "linear" and not model.head_bias):
-        raise ValueError("only CLIP-tower dual encoders with bias-free linear heads have an HF "
-                         "CLIPModel layout; save each tower with hf.save_tower instead")
-    hf_config = {"model_type": "clip", "architectures": ["CLIPModel"],
-                 "projection_dim": model.projection_dim,
-                 "logit_scale_init_value": model.logit_scale_init,
+    """Write a dual encoder as the two-tower checkpoint its towers belong to: CLIP towers with
+    bias-free linear heads as an HF CLIPModel, SigLIP / SigLIP 2 towers (identity heads, a logit
+    bias) as a SiglipModel / Siglip2Model."""
+    kind = registry.dual_checkpoint_of(model.image_config, model.text_config)
+    bias = model.logit_bias_init is not None
+    if (kind is None or model.image_head != kind.heads or model.text_head != kind.heads
+            or (kind.heads == "linear" and model.head_bias) or bias != kind.logit_bias
+            or model.fusion_layers):
+        expected = (f"{kind.hf_class} wants {kind.heads!r} heads without bias"
+                    f"{', a logit bias' if kind.logit_bias else ', no logit bias'} and no "
+                    f"fusion layers" if kind else "no two-tower type has these towers")
+        raise ValueError(
+            f"this dual encoder ({type(model.image_config).__name__} + "
+            f"{type(model.text_config).__name__}, heads {model.image_head!r}/"
+            f"{model.text_head!r}, head_bias={model.head_bias}, logit bias {bias}, "
+            f"fusion_layers={model.fusion_layers}) has no Hugging Face two-tower layout "
+            f"({expected}); save each tower with hf.save_tower instead")
+    hf_config = {"model_type": kind.model_type, "architectures": [kind.hf_class],
+                 **kind.config_fields(model),
                  "text_config": model.text_config.to_hf(),
                  "vision_config": model.image_config.to_hf()}
-    _write(Path(out_dir), hf_config, model, params, "", formats)
+    _write(Path(out_dir), hf_config, model, params, "", formats, kind.logit_shape)

@@ -51,17 +51,18 @@ MAX_HEADER_BYTES = 100_000_000     # the safetensors library's own limit on a he
 DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
-# Architecture fields of config.json (of a tower, or of a CLIP's text_config / vision_config)
-# and what they must hold. Fields a config does not have keep the family's defaults.
+# Architecture fields of config.json (of a tower, or of a two-tower checkpoint's text_config /
+# vision_config: CLIP, SigLIP, SigLIP 2) and what they must hold. Fields a config does not have
+# keep the family's defaults.
 POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                  "max_position_embeddings", "image_size", "patch_size", "num_channels",
-                 "projection_dim")
+                 "projection_dim", "projection_size", "num_patches")
 NON_NEGATIVE_INTS = ("intermediate_size", "type_vocab_size")   # DINOv2: 0 = from mlp_ratio
 POSITIVE_NUMBERS = ("layer_norm_eps", "mlp_ratio")
 FINITE_NUMBERS = ("initializer_range", "layerscale_value", "logit_scale_init_value")
-BOOLEANS = ("qkv_bias", "use_swiglu_ffn", "use_mask_token")
+BOOLEANS = ("qkv_bias", "use_swiglu_ffn", "use_mask_token", "vision_use_head")
 STRINGS = ("hidden_act", "position_embedding_type", "model_type")
-SUB_CONFIGS = {"text_config": "text_model.", "vision_config": "vision_model."}  # CLIP halves
+SUB_CONFIGS = {"text_config": "text_model.", "vision_config": "vision_model."}  # two-tower halves
 # Where a tower's layers sit in a checkpoint's keys: encoder.layer.N (BERT, ViT, DINOv2) or
 # encoder.layers.N (CLIP), under any prefix (bert., vit., text_model., ...).
 _LAYER_KEY = re.compile(r"(?:^|\.)encoder\.layers?\.(\d+)\.")
@@ -179,7 +180,7 @@ _WARNED_REMOTE_CODE: set[str] = set()  # config.json files already warned about,
 
 
 def check_config_values(config: dict, file, where: str = "") -> None:
-    """Architecture values of the right type and range, in `config` and its CLIP halves."""
+    """Architecture values of the right type and range, in `config` and its two-tower halves."""
     def bad(key, value, expected):
         raise HFFileError(f"{file}: {where}{key}={value!r} ({type(value).__name__}) must be "
                           f"{expected}")
@@ -236,7 +237,7 @@ def check_layer_counts(config: dict, names, directory: Path) -> None:
                 for m in [_LAYER_KEY.search(name[len(prefix):])] if m}
         if not held and prefix == "" and any(n.startswith(tuple(SUB_CONFIGS.values()))
                                              for n in names):
-            continue  # a CLIP's top level: its halves are checked one by one
+            continue  # a two-tower checkpoint's top level: its halves are checked one by one
         count = max(held) + 1 if held else 0
         if claimed > count:
             raise HFFileError(

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from valign_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "Recipe config file, e.g. configs/lilt.py:lilt_lwa",
                                 lock_config=True)
@@ -42,14 +44,7 @@ def main(argv):
     config = FLAGS.config
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/lilt.py:demo")
-    try:
-        print(run(config))
-    except (OSError, ValueError, FloatingPointError) as err:
-        # Errors about the user's input: the message says what to change; the traceback is
-        # for developers (--verbosity=1).
-        logging.debug("traceback", exc_info=True)
-        print(f"FATAL: {err}", file=sys.stderr)
-        sys.exit(1)
+    print(cli.run_guarded(run, config))
 
 
 def run(config) -> str:
@@ -61,8 +56,8 @@ def run(config) -> str:
         return dry_run(config)
     from valign_jax import sharding, train  # the data and logging stack load only for real runs
     from valign_jax.logs import quiet_library_logs
-    sharding.initialize_distributed()  # a no-op unless the launcher set VALIGN_* variables
     quiet_library_logs()
+    sharding.initialize_distributed()  # a no-op unless the launcher set VALIGN_* variables
     workdir = FLAGS.workdir or default_workdir(sys.argv)
     if FLAGS.mode == "cache_features":  # relative config.data.feature_cache: in the workdir
         from valign_jax import frozen_towers
@@ -98,34 +93,10 @@ def summary(workdir: str, metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_flags(argv):
-    """absl's parsing, with an unknown `--config.<key>` explained: the valid keys listed."""
-    try:
-        return FLAGS(argv)
-    except (AttributeError, KeyError) as err:
-        message = unknown_key_message(argv) or str(err)
-        print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
-        sys.exit(1)
-
-
-def unknown_key_message(argv) -> str | None:
-    """For the first --config.a.b=value naming a key the config lacks, which keys it has."""
-    paths = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if not spec:
-        return None
-    from valign_jax.recipes import load_config
-    config = load_config(spec)
-    for path in paths:
-        node, walked = config, "config"
-        for key in path.split("."):
-            if not hasattr(node, "keys") or key not in node:
-                valid = sorted(node.keys()) if hasattr(node, "keys") else []
-                return (f"unknown config key '{walked}.{key}' (from --config.{path}); "
-                        f"valid keys of {walked}: {valid}")
-            node, walked = node[key], f"{walked}.{key}"
-    return None
+parse_flags = cli.parse_flags
 
 
 if __name__ == "__main__":
+    from valign_jax.logs import quiet_startup
+    quiet_startup()  # before TensorFlow or a jax backend loads
     app.run(main, flags_parser=parse_flags)

@@ -7,7 +7,11 @@ A recipe says, per tower, which parts unlock:
   bias      every bias, LayerNorm biases included (BitFit)
   adapters  the layerwise (Houlsby) adapters
   deep      the deep-adapter layers on top of the tower, with the ViT's final norm
-and whether the heads (projections) and the logit scale/bias train. Regex rules given as
+  head      the tower's own output head, for families that have one (SigLIP's
+            attention-pooling head and text head)
+and whether the heads and the logit scale/bias train. The heads are what maps each tower's
+features into the shared space: the dual encoder's projections, and the towers' own heads
+where a family declares them (SigLIP: its dual encoder's projections are the identity). Regex rules given as
 `overrides` ("<regex>=trainable|frozen", matched against 'vision_model/encoder/...' paths) win
 over the recipe. A part or rule that matches no parameter is an error: it means the recipe and the
 model disagree (e.g. LwA on a model built without adapters).
@@ -46,11 +50,17 @@ def part_patterns() -> dict[str, str]:
         # the final norm after the encoder belongs to the deep adapter: it now normalises the
         # new layer's output
         "deep": r"^{t}/(deep_adapter/|" + registry.deep_norm_pattern() + r"/)",
+        "head": r"^{t}/" + registry.head_pattern() + "/",
     }
 
 
-# The heads: projections, and the fusion re-ranker's interaction layers (new, never pretrained)
-HEADS_PATTERN = r"^(visual_projection|text_projection|fusion)(/|$)"
+def heads_pattern() -> str:
+    """The heads: projections, the fusion re-ranker's interaction layers (new, never
+    pretrained), and the towers' own heads (registered families' `head_names`)."""
+    return (r"^(visual_projection|text_projection|fusion)(/|$)|^(vision_model|text_model)/"
+            + registry.head_pattern() + "/")
+
+
 LOGIT_PATTERN = r"^logit_(scale|bias)$"
 
 
@@ -98,7 +108,7 @@ def recipe_rules(recipe: Recipe | str) -> list[tuple[str, str, str]]:
             rules.append((patterns[part].format(t=TOWER_PREFIX[tower]), TRAINABLE,
                           f"{tower}:{part}"))
     if recipe.heads:
-        rules.append((HEADS_PATTERN, TRAINABLE, "heads"))
+        rules.append((heads_pattern(), TRAINABLE, "heads"))
     if recipe.logit:
         rules.append((LOGIT_PATTERN, TRAINABLE, "logit"))
     return rules

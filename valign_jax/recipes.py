@@ -81,3 +81,57 @@ def demo_towers(c: ml_collections.ConfigDict, image: str = "clip_tiny_vision",
     c.model.text = tower(text, **{"max_length": 16, **text_fields})
     c.model.projection_dim = projection_dim
     return c
+
+
+DEMO_CHECKPOINTS = {  # kind: (image preset, text preset) of the tiny random checkpoints
+    "siglip": ("siglip_tiny_vision", "siglip_tiny_text"),
+    "siglip2": ("siglip2_tiny_naflex_vision", "siglip2_tiny_text"),
+}
+
+
+def demo_checkpoint(kind: str = "siglip", seed: int = 0) -> str:
+    """A tiny randomly initialised Hugging Face checkpoint of a two-tower `kind` (SiglipModel
+    or Siglip2Model layout, 32-px images, 16-token captions) with the synthetic data's
+    vocabulary as its tokenizer: what `:demo` variants that start from a checkpoint fine-tune,
+    offline. Written once (the same bytes for the same seed) under $VALIGN_JAX_DEMO_DIR or
+    ~/.cache/valign_jax/demo_checkpoints, and its directory returned."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import jax
+
+    from valign_jax import hf
+    from valign_jax.data import synthetic
+    from valign_jax.models import registry
+    from valign_jax.models.dual_encoder import DualEncoder
+
+    if kind not in DEMO_CHECKPOINTS:
+        raise ValueError(f"demo_checkpoint({kind!r}): known kinds {sorted(DEMO_CHECKPOINTS)}")
+    root = Path(os.environ.get("VALIGN_JAX_DEMO_DIR")
+                or Path.home() / ".cache" / "valign_jax" / "demo_checkpoints")
+    target = root / f"{kind}_tiny_seed{seed}"
+    if (target / "config.json").is_file():
+        return str(target)
+    image_preset, text_preset = DEMO_CHECKPOINTS[kind]
+    image = registry.preset(image_preset)
+    text = registry.preset(text_preset)
+    if text.vocab_size < synthetic.WordTokenizer(16).vocab_size:
+        raise ValueError(f"{text_preset}: its vocabulary is smaller than the synthetic data's")
+    kind_spec = registry.dual_checkpoint(kind)
+    model = DualEncoder(image, text, image_head=kind_spec.heads, text_head=kind_spec.heads,
+                        **kind_spec.settings({}, image, text))
+    params = jax.jit(model.init)(jax.random.PRNGKey(seed), **model.dummy_inputs())["params"]
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:  # written aside, then renamed: concurrent runs never see half a checkpoint
+        hf.save_dual_encoder(model, params, staging, formats=("safetensors",))
+        synthetic.save_hf_tokenizer(staging)
+        os.rename(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

@@ -15,6 +15,7 @@ checked against the evaluator registry (evaluation/registry.py).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable
 
 import ml_collections
@@ -46,59 +47,13 @@ class Key:
         return self.choices() if callable(self.choices) else self.choices
 
 
-def _objective_kinds():
-    from valign_jax import objectives
-    return tuple(objectives.kinds())
-
-
-def _logit_presets():
-    from valign_jax import losses
-    return tuple(losses.LOGIT_SCALE_PRESETS)
-
-
-def _peft_recipes():
-    from valign_jax import peft
-    return tuple(peft.RECIPES)
-
-
-def _heads():
-    from valign_jax.models.layers import HEADS
-    return HEADS
-
-
-def _remat():
-    from valign_jax.models.layers import REMAT_POLICIES
-    return tuple(REMAT_POLICIES)
-
-
-def _dtypes():
-    from valign_jax.models.config import DTYPES
-    return tuple(DTYPES)
-
-
-def _presets():
-    from valign_jax.models import registry
-    return tuple(registry.preset_names())
-
-
-def _rerank_scores():
-    from valign_jax.evaluation.rerank import RERANK_SCORES
-    return RERANK_SCORES
-
-
-def _sigmoid_norms():
-    from valign_jax.objectives.sigmoid import NORMS
-    return NORMS
-
-
-def _rafa_forms():
-    from valign_jax.objectives.clip_refine import RAFA_FORMS
-    return RAFA_FORMS
-
-
-def _hycd_features():
-    from valign_jax.objectives.clip_refine import HYCD_FEATURES
-    return HYCD_FEATURES
+def _names(module: str, attribute: str):
+    """Allowed values the code keeps (a name table, or a function returning one), read from
+    `module.attribute` when a config is checked."""
+    def allowed():
+        value = getattr(importlib.import_module(f"valign_jax.{module}"), attribute)
+        return tuple(value() if callable(value) else value)
+    return allowed
 
 
 AT_LEAST_0, AT_LEAST_1 = dict(low=0), dict(low=1)
@@ -106,7 +61,8 @@ AT_LEAST_0, AT_LEAST_1 = dict(low=0), dict(low=1)
 # Per tower (config.model.image and config.model.text).
 TOWER = {
     "preset": Key("", "architecture preset (the family's shapes; a checkpoint's "
-                  "config.json overrides it)", choices=_presets),
+                  "config.json overrides it)",
+                  choices=_names("models.registry", "preset_names")),
     "checkpoint": Key("", "hub id or local directory of pretrained weights (\"\": none)"),
     "pooling": Key("", "how the tower pools its tokens (\"\": the family's default)"),
     "adapter_dim": Key(0, "LiLT layerwise adapters' bottleneck width (0: none)", **AT_LEAST_0),
@@ -144,9 +100,9 @@ SCHEMA: dict[str, Key] = {
                               **AT_LEAST_1),
     # objective
     "objective.kind": Key("softmax", "the objective (valign_jax/objectives)",
-                          choices=_objective_kinds),
+                          choices=_names("objectives", "kinds")),
     "objective.norm": Key("batch", "sigmoid: 'batch' (SigLIP, sum / B) or 'pairs' (SAIL, / B²)",
-                          choices=_sigmoid_norms),
+                          choices=_names("objectives.sigmoid", "NORMS")),
     "objective.multi_positive": Key(False, "sigmoid: each image's long caption is a second "
                                     "positive (SAIL)"),
     "objective.chunked": Key(False, "softmax and sigmoid: the loss and its metrics computed "
@@ -159,14 +115,17 @@ SCHEMA: dict[str, Key] = {
     "objective.clip_refine.prior_std": Key(1.0, "RaFA's references r ~ N(0, prior_std² I)",
                                            low=0, open="low"),
     "objective.clip_refine.rafa_form": Key("official", "'official' (mean over i, d) or "
-                                           "'paper' (= official × D/2)", choices=_rafa_forms),
+                                           "'paper' (= official × D/2)",
+                                           choices=_names("objectives.clip_refine",
+                                                          "RAFA_FORMS")),
     "objective.clip_refine.alpha": Key(0.5, "HyCD's weight of the identity in its target",
                                        low=0, high=1),
     "objective.clip_refine.temperature": Key(1.0, "HyCD's distillation temperature", low=0,
                                              open="low"),
     "objective.clip_refine.hycd_features": Key("raw", "HyCD on 'raw' (official code) or "
                                                "'normalized' features",
-                                               choices=_hycd_features),
+                                               choices=_names("objectives.clip_refine",
+                                                              "HYCD_FEATURES")),
     # data
     "data.train": Key("tfds:coco_captions/train", "training pairs: tfds:<name>/<split>, a "
                       "pairs.jsonl / .csv, tar shards or synthetic:<name>"),
@@ -179,7 +138,14 @@ SCHEMA: dict[str, Key] = {
     "data.image_mean": Key((0.5, 0.5, 0.5), "per-channel mean (pixels in [0, 1]); a "
                            "checkpoint's preprocessor_config.json wins"),
     "data.image_std": Key((0.5, 0.5, 0.5), "per-channel std, > 0"),
+    "data.normalize_on_device": Key(True, "training batches go to the devices as uint8 pixels "
+                                    "and are normalised there (a quarter of the bytes, no "
+                                    "float work on the host; the same values bit for bit)"),
     "data.lower_case": Key(False, "lower-case captions before tokenizing"),
+    "data.tokenizer": Key("auto", "text towers without a checkpoint: 'learned' (a vocabulary "
+                          "learned from the training captions, kept in the workdir), 'words' "
+                          "(the embedded data's word list), 'auto' (words for synthetic data, "
+                          "else learned), or a directory of tokenizer files"),
     "data.threads": Key(2, "grain threads reading and decoding records", **AT_LEAST_0),
     "data.workers": Key(0, "grain worker processes (0: threads only)", **AT_LEAST_0),
     # evaluation settings shared by the evaluators (config.evals)
@@ -193,24 +159,29 @@ SCHEMA: dict[str, Key] = {
                             "comma-separated"),
     "eval.rerank_k": Key(10, "fusion models: re-rank the dual encoder's top k", **AT_LEAST_1),
     "eval.rerank_score": Key("itm+contrastive", "re-ranking score: match head + dual logit, or "
-                             "'itm' (the head alone)", choices=_rerank_scores),
+                             "'itm' (the head alone)",
+                             choices=_names("evaluation.rerank", "RERANK_SCORES")),
     "eval.batch_size": Key(256, "examples per evaluation batch", **AT_LEAST_1),
     # model
     **{f"model.{side}.{k}": v for side in ("image", "text") for k, v in TOWER.items()},
     "model.projection_dim": Key(256, "width of the shared embedding space", **AT_LEAST_1),
-    "model.image_head": Key("linear", "head on the image tower", choices=_heads),
-    "model.text_head": Key("linear", "head on the text tower", choices=_heads),
+    "model.image_head": Key("linear", "head on the image tower",
+                            choices=_names("models.layers", "HEADS")),
+    "model.text_head": Key("linear", "head on the text tower",
+                           choices=_names("models.layers", "HEADS")),
     "model.head_bias": Key(False, "linear heads with a bias"),
     "model.logit_preset": Key("clip", "init and clamp of the logit scale (and bias)",
-                              choices=_logit_presets),
+                              choices=_names("losses", "LOGIT_SCALE_PRESETS")),
     "model.adapter_init": Key("normal", "adapters start N(0, 0.02) or as the 'identity'",
                               choices=("normal", "identity")),
-    "model.dtype": Key("float32", "compute dtype; parameters stay float32", choices=_dtypes),
+    "model.dtype": Key("float32", "compute dtype; parameters stay float32",
+                       choices=_names("models.config", "DTYPES")),
     "model.scan_layers": Key(False, "nn.scan over each tower's layers (faster compiles)"),
     "model.remat": Key("none", "recompute layer activations in the backward pass",
-                       choices=_remat),
-    "model.attention_impl": Key("xla", "'cudnn': the fused attention kernel on NVIDIA GPUs",
-                                choices=("xla", "cudnn")),
+                       choices=_names("models.layers", "REMAT_POLICIES")),
+    "model.attention_impl": Key("auto", "'auto': the fused cuDNN kernel on NVIDIA GPUs in "
+                                "bf16/fp16, XLA's elsewhere; or 'xla' / 'cudnn'",
+                                choices=("auto", "xla", "cudnn")),
     "model.init_from": Key("", "a full CLIP checkpoint or a previous run's workdir to start "
                            "from"),
     "model.logit_scale_init": Key(None, "initial log logit scale (None: the preset's)",
@@ -222,7 +193,8 @@ SCHEMA: dict[str, Key] = {
     "model.fusion_heads": Key(4, "attention heads of the fusion layers", **AT_LEAST_1),
     "model.fusion_width": Key(0, "fusion width (0: the text tower's)", **AT_LEAST_0),
     # which parameters train
-    "peft.recipe": Key("full", "which parameters train (peft.RECIPES)", choices=_peft_recipes),
+    "peft.recipe": Key("full", "which parameters train (peft.RECIPES)",
+                       choices=_names("peft", "RECIPES")),
     "peft.overrides": Key((), "('<regex>=trainable|frozen', ...) over the recipe"),
     # optimizer
     "optim.name": Key("adamw", "the optimizer", choices=("adamw", "lion", "sgd")),

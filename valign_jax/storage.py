@@ -55,3 +55,15 @@ def append_line(file: epath.Path, line: str) -> None:
     tmp = file.parent / (file.name + ".tmp")
     tmp.write_text(old + line + "\n")
     tmp.replace(file)
+
+
+def root_os_error(err: BaseException) -> OSError | None:
+    """The OSError (ENOSPC, EACCES, EROFS, ...) behind an exception a library wrapped around
+    it (orbax's, clu's background writers), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -222,8 +222,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, labels,
                     skip_nonfinite: bool = False, micro_batches: int = 1, mesh=None):
     """step(state, batch[, teacher_params]) -> (state, metrics).
 
-    skip_nonfinite: a step whose loss or gradient norm is not finite keeps the parameters and
-    the optimizer state it was given, bit for bit; it still advances `step` and the rng (its
+    skip_nonfinite: a step whose loss, gradient norm or updated parameters are not finite keeps
+    the parameters and the optimizer state it was given, bit for bit; it still advances `step` and the rng (its
     batch is consumed), adds one to `skipped_steps` and reports metrics["skipped"] = 1.
 
     micro_batches: k > 1 computes the gradients by gradient caching over k micro-batches
@@ -258,10 +258,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation, labels,
             trainable[("logit_scale",)] = losses.clamp_log_scale(trainable[("logit_scale",)],
                                                                  logit_preset)
         params = peft.merge(trainable, frozen)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        # The updated parameters' norm is finite unless the update made one non-finite (a NaN
+        # learning rate, an overflow): the loop never checkpoints such a state.
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+                   "param_norm": optax.global_norm(trainable)}
         skipped = jnp.zeros((), jnp.int32)
         if skip_nonfinite:
-            finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+            finite = (jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+                      & jnp.isfinite(metrics["param_norm"]))
             keep_old = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
             params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
             skipped = 1 - finite.astype(jnp.int32)

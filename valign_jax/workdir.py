@@ -1,8 +1,11 @@
-"""A run's directory: made and probed before compute, the files that describe the run, the
-metrics it logs, and reading a finished run back.
+"""A run's directory: made, probed and locked before compute, the files that describe the run,
+the metrics it logs, and reading a finished run back.
 
     <workdir>/config.json      the run's config
     <workdir>/model.json       the dual encoder's architecture (load_run rebuilds it)
+    <workdir>/state.json       what the saved train state's layout depends on (trainable set,
+                               optimizer, data workers): a rerun that changes it is refused
+    <workdir>/run.lock         held by the run in progress (workdir_lock.py)
     <workdir>/metrics.jsonl    one JSON object per evaluation: {"step", <group>/<name>: value}
     <workdir>/checkpoints/     checkpointing.py
     <workdir>/events.out.*     TensorBoard (clu writers)
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -21,7 +25,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from valign_jax import build, checkpointing, storage
+from valign_jax import build, checkpointing, logs, storage, workdir_lock
+
+STATE_JSON = "state.json"
 
 
 def prepare_workdir(workdir) -> epath.Path:
@@ -42,8 +48,66 @@ def prepare_workdir(workdir) -> epath.Path:
     return path
 
 
-def write_run_files(workdir: epath.Path, config, model) -> None:
-    """config.json and model.json; a workdir holding a different model is refused."""
+class RunDirectory:
+    """The workdir of a run that is starting: made, probed and locked on entry (one run per
+    workdir, workdir_lock.py); the lock is released on exit. A start that fails before
+    `started()` leaves the directory as it was: what this run created in it is removed (the
+    whole directory when it did not exist)."""
+
+    def __init__(self, workdir):
+        self.path = storage.path(workdir) if workdir else None
+        self._existed = bool(self.path) and self.path.exists()
+        self._before, self._lock, self._started = None, None, False
+
+    def __enter__(self) -> "RunDirectory":
+        self.path = prepare_workdir(self.path)
+        self._lock = workdir_lock.acquire_for_run(self.path)
+        # Only what appears while this run holds the lock is its own to remove.
+        self._before = {p.name for p in self.path.iterdir()} if self._existed else set()
+        return self
+
+    def started(self) -> None:
+        """From here on the run's files stay, whatever happens."""
+        self._started = True
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._lock is not None:
+            self._lock.release()
+        if (exc_type is not None and not self._started and self._before is not None
+                and jax.process_index() == 0):
+            self._undo()
+        return False
+
+    def _undo(self) -> None:
+        try:
+            if not self._existed:
+                shutil.rmtree(self.path) if not storage.is_url(self.path) else self.path.rmtree()
+                return
+            for entry in self.path.iterdir():
+                if entry.name not in self._before:
+                    if entry.is_dir():
+                        entry.rmtree()
+                    else:
+                        entry.unlink()
+        except OSError as err:  # the start's own error matters more than the cleanup's
+            logging.warning("could not remove what the failed start wrote in %s: %s",
+                            self.path, err)
+
+
+def state_layout(config, trainable_paths) -> dict:
+    """What a checkpoint's train state and iterator state are shaped by: the trainable set
+    (optimizer state exists for it alone), the optimizer and the data-worker layout."""
+    return {"trainable": sorted("/".join(p) for p in trainable_paths),
+            "optimizer": config.optim.name,
+            "gradient_clipping": bool(config.optim.grad_clip_norm),
+            "data_workers": int(config.data.workers),
+            "peft.recipe": config.peft.recipe, "peft.overrides": list(config.peft.overrides)}
+
+
+def write_run_files(workdir: epath.Path, config, model, layout: dict | None = None) -> None:
+    """config.json, model.json and state.json. A workdir holding a different model, or a run
+    whose saved state has another layout (trainable set, optimizer, data workers), is refused
+    before anything is overwritten."""
     description = build.describe(model)
     model_file = workdir / checkpointing.MODEL_JSON
     if model_file.is_file():
@@ -51,9 +115,31 @@ def write_run_files(workdir: epath.Path, config, model) -> None:
         if changed:
             raise ValueError(f"{workdir} holds a run of a different model ({model_file} differs "
                              f"in {changed}); use a new --workdir")
+    state_file = workdir / STATE_JSON
+    if layout is not None and state_file.is_file():
+        _refuse_another_layout(json.loads(state_file.read_text()), layout, workdir)
     checkpointing.write_json(model_file, description)
     checkpointing.write_json(workdir / checkpointing.CONFIG_JSON,
                              json.loads(config.to_json_best_effort()))
+    if layout is not None:
+        checkpointing.write_json(state_file, layout)
+
+
+def _refuse_another_layout(saved: dict, layout: dict, workdir) -> None:
+    saved_names = {k: v for k, v in saved.items() if k != "trainable"}
+    changed = [f"{k}: {saved_names.get(k)!r} -> {v!r}" for k, v in layout.items()
+               if k != "trainable" and saved_names.get(k) != v]
+    gained = sorted(set(layout["trainable"]) - set(saved.get("trainable", ())))
+    lost = sorted(set(saved.get("trainable", ())) - set(layout["trainable"]))
+    if gained or lost:
+        changed.append(f"trainable parameters: {len(gained)} more (e.g. {gained[:2]}), "
+                       f"{len(lost)} fewer (e.g. {lost[:2]})")
+    if changed:
+        raise ValueError(f"{workdir} holds a run whose saved train state was laid out "
+                         f"differently, so it cannot resume with this config: "
+                         f"{'; '.join(changed)}. Rerun with the original settings, or use a "
+                         f"new --workdir (config.model.init_from={str(workdir)!r} starts a new "
+                         f"run from this one's parameters)")
 
 
 def load_run(workdir, step: int | None = None):
@@ -75,17 +161,32 @@ class MetricsLog:
     """clu writers (TensorBoard + log), progress reports and <workdir>/metrics.jsonl."""
 
     def __init__(self, workdir: epath.Path, config, total_steps: int):
-        from clu import metric_writers, periodic_actions
+        from clu import periodic_actions
         primary = jax.process_index() == 0
-        self.writer = metric_writers.create_default_writer(os.fspath(workdir),
-                                                           just_logging=not primary)
+        self.writer = logs.metric_writer(os.fspath(workdir), primary)
         self.writer.write_hparams(_scalar_hparams(config))
         self.report = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                                       writer=self.writer, every_secs=30)
         self.path = workdir / "metrics.jsonl" if primary else None
         self.train_loss = None
         self.skipped = 0  # broken training records dropped by this process so far
+        self.broken_shards = 0  # tar shards of the training data cut short or unreadable
         self.last = _last_line(workdir / "metrics.jsonl")  # a resumed run's latest so far
+
+    def resume_at(self, step: int) -> None:
+        """Forget the lines a killed run wrote beyond its last checkpoint (the resumed run
+        writes them again, the same), so no step appears twice; at step 0, all of them."""
+        if self.path is None or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if step and json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            logging.info("%s: dropping %d line(s) past step %d, written before the run was "
+                         "stopped", self.path, len(lines) - len(kept), step)
+            tmp = self.path.parent / (self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        self.last = json.loads(kept[-1]) if kept else {}
 
     def progress(self, step: int) -> None:
         self.report(step)
@@ -102,6 +203,8 @@ class MetricsLog:
         if self.train_loss is not None:
             metrics["train/loss"] = self.train_loss
         metrics["data/skipped_examples"] = self._all_processes(self.skipped)
+        if self.broken_shards:  # their records beyond the damage are lost, uncounted
+            metrics["data/broken_shards"] = self.broken_shards
         self.writer.write_scalars(step, metrics)
         if self.path is not None:
             storage.append_line(self.path, json.dumps({"step": step, **metrics}))
@@ -114,9 +217,16 @@ class MetricsLog:
         from jax.experimental import multihost_utils
         return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
 
-    def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+    def close(self, raise_errors: bool = True) -> None:
+        """Flush and close the writers; raise_errors=False (closing because of another error,
+        which must not be masked) logs a failure instead."""
+        try:
+            self.writer.flush()
+            self.writer.close()
+        except OSError as err:
+            if raise_errors:
+                raise
+            logging.error("%s", err)
 
 
 def _last_line(path: epath.Path) -> dict:

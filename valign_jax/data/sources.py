@@ -24,8 +24,9 @@ The forms (KNOWN_FORMS):
                         read with os.pread, so nothing is extracted and threads share the files.
   synthetic:shapes      the embedded dataset (pipeline.make_source builds it).
 
-Broken rows never stop a run: a missing or empty image file, a bad JSON line, a caption that is
-empty or not a string, a tar member cut short... each keeps its index and raises
+Broken rows never stop a run: a missing or empty image file, one over MAX_IMAGE_FILE_BYTES (refused
+from its size, unread), a bad JSON line, a caption that is empty or not a string, a tar member
+cut short... each keeps its index and raises
 `BrokenRecord` when read; the pipeline drops and counts it. A source without a single usable row
 is an error at open, naming it (checked cheaply: stat calls until one good row is found).
 
@@ -67,6 +68,10 @@ KNOWN_FORMS = ("tfds:<name>/<split> (e.g. tfds:coco_captions/train, tfds:cifar10
                "synthetic:shapes (the embedded dataset)")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Image files (and tar members) larger than this are broken records, refused before a byte is
+# read: the largest image the decoder accepts (transforms.MAX_IMAGE_PIXELS, 67 Mpx) fits in it
+# even uncompressed (8-bit RGB: 201 MB), while a mislabelled multi-GB file never fills memory.
+MAX_IMAGE_FILE_BYTES = 256 * 2 ** 20
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 log = logging.getLogger(__name__)
@@ -93,8 +98,53 @@ class Source:
         """Where record `index` comes from, for messages about it (a file, a tar member)."""
         return f"{self.name}[{index}]"
 
+    def caption_texts(self, limit: int) -> list[str]:
+        """Up to `limit` captions, for learning a tokenizer (broken records skipped). Sources
+        that hold their captions apart from their images read no image here."""
+        texts = []
+        for index in range(len(self)):
+            try:
+                record = self[index]
+            except BrokenRecord:
+                continue
+            texts += [c for c in (record.get("captions") or [record.get("caption")])
+                      if isinstance(c, str)]
+            if len(texts) >= limit:
+                break
+        return texts[:limit]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {len(self)} records)"
+
+
+SYNTHETIC = ("shapes", "relations")  # synthetic:<name>, built by pipeline.make_source
+
+
+def spec_problem(spec: str, key: str) -> str | None:
+    """What is wrong with a data source's config string, found without reading a record (a
+    local path that does not exist, an unknown form or file type); None when nothing is. The
+    config checks run it before any model is built."""
+    spec = str(spec).strip()
+    if spec.startswith("synthetic:"):
+        name = spec.split(":", 1)[1]
+        return None if name in SYNTHETIC else (
+            f"{key}={spec!r}: unknown synthetic dataset {name!r}; known: {list(SYNTHETIC)}")
+    if spec.startswith("tfds:"):
+        name, _, split = spec[len("tfds:"):].rpartition("/")
+        return None if name and split else (
+            f"{key}={spec!r}: expected tfds:<name>/<split>, e.g. 'tfds:coco_captions/train'")
+    path = Path(spec).expanduser()
+    if _SCHEME.match(spec) and not path.exists():
+        return f"{key}={spec!r}: unknown data source scheme; known forms: {list(KNOWN_FORMS)}"
+    if any(c in spec for c in "*?[") and spec.endswith(".tar"):
+        return None if glob.glob(spec) else f"{key}={spec!r}: no file matches this pattern"
+    if not path.exists():
+        return (f"{key}={spec!r}: {path.absolute()} does not exist; known forms: "
+                f"{list(KNOWN_FORMS)}")
+    if path.is_file() and path.suffix not in (".jsonl", ".csv", ".tar"):
+        return (f"{key}={spec!r}: unknown file format {path.suffix!r}; known forms: "
+                f"{list(KNOWN_FORMS)}")
+    return None
 
 
 def open_source(spec: str, key: str = "source") -> Source:
@@ -173,8 +223,18 @@ def _text_record(fields: dict, where: str) -> dict:
     return record
 
 
+def _too_large(size: int) -> str | None:
+    if size > MAX_IMAGE_FILE_BYTES:
+        return (f"{size / 2 ** 20:.0f} MiB image file, over the {MAX_IMAGE_FILE_BYTES // 2 ** 20} "
+                f"MiB cap (sources.MAX_IMAGE_FILE_BYTES); not read")
+    return None
+
+
 def _read_file(path: str) -> bytes:
     try:
+        too_large = _too_large(os.stat(path).st_size)  # before reading: never a 3 GB read
+        if too_large:
+            raise BrokenRecord(f"{path}: {too_large}")
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise BrokenRecord(f"{path}: missing file") from None
@@ -342,6 +402,10 @@ class PairsSource(Source):
         except BrokenRecord as err:
             return str(err)
         return path, text
+
+    def caption_texts(self, limit: int) -> list[str]:
+        texts = [c for row in self.rows if not isinstance(row, str) for c in row[1]["captions"]]
+        return texts[:limit]
 
     def _check(self):
         if not self.rows:
@@ -524,6 +588,9 @@ class TarShardSource(Source):
             raise BrokenRecord(f"{self.name} {self.keys[i]}: no {what} member")
         if length == 0:
             raise BrokenRecord(f"{self.name} {self.keys[i]}: empty {what} member")
+        too_large = _too_large(length) if what == "image" else None
+        if too_large:
+            raise BrokenRecord(f"{self.name} {self.keys[i]}: {too_large}")
         try:
             fd = self._fds.get(shard)
             if fd is None:

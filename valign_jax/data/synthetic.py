@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from valign_jax.special_tokens import SPECIAL_IDS
+
 COUNTS = ("one", "two")
 SIZES = ("small", "large")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
@@ -233,7 +235,7 @@ class SyntheticImageText(SyntheticSource):
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 
-PAD_ID, BOS_ID, UNK_ID, EOS_ID = 0, 1, 2, 3
+PAD_ID, BOS_ID, UNK_ID, EOS_ID = (SPECIAL_IDS[k] for k in ("pad", "bos", "unk", "eos"))
 _FIRST_WORD_ID = 4
 
 

@@ -12,8 +12,26 @@ uint8 H×W×3, whatever the file's mode:
     dropping the alpha channel would show whatever colour the transparent pixels happen to store;
   - 16-bit (I;16*, I): scaled to 8 bits, round(v / 257), rather than PIL's clipping at 255;
   - EXIF orientation is applied.
-Anything that cannot be decoded (empty, truncated, not an image, a decompression bomb) raises
-`BrokenRecord`: the pipeline skips and counts such records, it never stops for them.
+Anything that cannot be decoded (empty, truncated, not an image) raises `BrokenRecord`: the
+pipeline skips and counts such records, it never stops for them. So does an image of more than
+MAX_IMAGE_PIXELS (2**26 = 67.1 Mpx, 8192 × 8192), refused from its header before any pixel is
+decoded: a decompression bomb (a few-kB PNG that inflates to 169 Mpx, 500 MB of RGB) must not
+take a worker's memory. Image files are also capped in size before they are read
+(sources.MAX_IMAGE_FILE_BYTES).
+
+REDUCED-SCALE DECODING. A crop that is later shrunk to image_size need not be decoded at full
+resolution: the transforms read the header first (size, EXIF orientation), draw the crop box,
+then decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, via PIL's `draft`), the
+largest factor that still leaves the box at least image_size pixels on each side, and resize
+the box mapped into the smaller image. The random draws, the box and the output size are those
+of a full decode; the pixels differ a little, because the image is averaged down before the
+bicubic resize rather than by it (as PIL's `reducing_gap` or a box `reduce` first would).
+Against a full decode of the same box, resized to 224 px, on the benchmark's photo-like JPEGs
+(1/f spectrum, 640×480 and 1600×1200, quality 90; benchmarks/data_pipeline.py): mean absolute
+difference 1.4 of 255 per channel value at factor 2 (worst crop 3.0) and 2.1 at factor 4
+(worst 3.2), about what the JPEG compression itself changes (1.0–2.0 on the same crops). The
+tests hold every reduced decode to REDUCED_DECODE_MAD = 4. Other formats decode in full;
+`reduced_decode=False` on a transform decodes JPEGs in full too.
 
 Every random choice comes from the `np.random.Generator` passed in (grain's `random_map` gives
 one per record, derived from the seed and the record's position), so a stream is a pure function
@@ -24,8 +42,10 @@ GEOMETRIC operations only — colour operations would change what a caption says
     identity, rotate, shear_x, shear_y, translate_x, translate_y
 
 with torchvision's magnitudes on its 31-bin scale (magnitude 7: 7 degrees, shear 0.07, translate
-0.106 of the side), each applied with a random sign. Pixels an operation uncovers are filled
-with the image's mean colour (a pure-colour image therefore stays exactly that colour).
+0.106 of the side), each applied with a random sign. The drawn operations are composed into one
+affine map and the image resampled once (one bilinear interpolation, not one per operation);
+pixels the map takes from outside the image are filled with the image's mean colour (a
+pure-colour image therefore stays exactly that colour).
 `normalization` picks the per-channel mean/std: the image checkpoint's preprocessor_config.json
 when there is one, else the config's.
 """
@@ -40,7 +60,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, ImageStat
 
 
 class BrokenRecord(Exception):
@@ -54,6 +74,19 @@ _NUM_BINS = 31  # torchvision's RandAugment scale: magnitude m of 30 -> linspace
 _MAX = {"rotate": 30.0, "shear_x": 0.3, "shear_y": 0.3, "translate_x": 150.0 / 331.0,
         "translate_y": 150.0 / 331.0}
 
+# Images with more pixels are refused from their header, undecoded: 8192 x 8192 takes any camera
+# photo, while the decoded RGB stays under 200 MB per image in flight.
+MAX_IMAGE_PIXELS = 2 ** 26
+# Mean absolute difference (of 255, per channel value) a reduced-scale decode may show against
+# a full decode of the same box, after the resize to the model's size: at most 3.2 measured on
+# the benchmark's JPEGs (module docstring); the tests hold reduced decodes to this bound.
+REDUCED_DECODE_MAD = 4.0
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> whether the upright image's x and y axes run backwards through the stored
+# pixels (2: mirrored, 3: rotated 180°, ...; 5-8 also swap width and height).
+_REVERSED_AXES = {2: (True, False), 3: (True, True), 4: (False, True), 5: (False, False),
+                  6: (True, False), 7: (True, True), 8: (False, True)}
+
 
 # ---------------------------------------------------------------------------------------------
 # Decoding
@@ -66,24 +99,96 @@ def decode(data) -> np.ndarray:
 
 def to_rgb_image(data) -> Image.Image:
     """Like `decode`, as a PIL RGB image (what the transforms work on)."""
+    return _finish(open_image(data))
+
+
+def open_image(data) -> Image.Image:
+    """Encoded bytes -> a PIL image whose header only has been read (size, mode, EXIF: no pixel
+    is decoded until `decode_box` or `to_rgb_image`); arrays -> RGB images; PIL images as they
+    are. BrokenRecord for empty data, bytes that are no image, or more than MAX_IMAGE_PIXELS."""
     if isinstance(data, Image.Image):
-        return _pil_to_rgb(data)
+        return data
     if isinstance(data, np.ndarray):
         return Image.fromarray(_array_to_rgb(data))
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        if len(data) == 0:
-            raise BrokenRecord("empty image data")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BrokenRecord(f"image of unsupported type {type(data).__name__}")
+    if len(data) == 0:
+        raise BrokenRecord("empty image data")
+    try:
+        image = Image.open(io.BytesIO(data))  # in memory: nothing to close
+    except Image.DecompressionBombError as err:  # PIL's own limit (2x its warning size)
+        raise BrokenRecord(f"image over the {MAX_IMAGE_PIXELS}-pixel cap "
+                           f"(transforms.MAX_IMAGE_PIXELS), not decoded ({err})") from None
+    except Exception as err:  # untrusted bytes: whatever PIL raises means "not usable"
+        raise BrokenRecord(f"undecodable image ({type(err).__name__}: {err})") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BrokenRecord(f"{width}x{height} image ({width * height / 1e6:.1f} Mpx) over the "
+                           f"{MAX_IMAGE_PIXELS / 1e6:.1f}-Mpx cap (transforms.MAX_IMAGE_PIXELS), "
+                           f"not decoded: a possible decompression bomb")
+    return image
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image as shown, EXIF orientation applied, from its header."""
+    width, height = image.size
+    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def reduction_factor(box, min_size: int) -> int:
+    """The largest of 8, 4, 2 that leaves both sides of `box` at least `min_size` pixels, else 1."""
+    side = min(box[2] - box[0], box[3] - box[1])
+    return next((f for f in (8, 4, 2) if side / f >= min_size), 1)
+
+
+def decode_box(image: Image.Image, box, min_size: int, reduced: bool = True):
+    """Decode an `open_image` result for resizing `box` (upright, full-resolution coordinates)
+    to `min_size` -> (RGB image, the box in its coordinates).
+
+    A JPEG is decoded at 1/`reduction_factor` scale (libjpeg's DCT scaling): stored pixel i of
+    the scaled image covers full-resolution pixels [i f, (i + 1) f), so the box maps by / f,
+    after an offset on the axes an EXIF orientation reverses (there the partial block at the
+    image's end comes first). Other formats, or reduced=False, decode in full."""
+    factor = reduction_factor(box, min_size) if reduced else 1
+    if factor > 1:
+        raw_width, raw_height = image.size
         try:
-            image = Image.open(io.BytesIO(data))  # in memory: nothing to close
-            image.load()  # decode now: truncation shows here, not later
-            if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation other than upright
-                image = ImageOps.exif_transpose(image)
-            return _pil_to_rgb(image)
-        except BrokenRecord:
-            raise
-        except Exception as err:  # untrusted bytes: whatever PIL raises means "not usable"
+            drafted = image.draft(None, (raw_width // factor, raw_height // factor))
+        except Exception as err:
             raise BrokenRecord(f"undecodable image ({type(err).__name__}: {err})") from None
-    raise BrokenRecord(f"image of unsupported type {type(data).__name__}")
+        factor = round(raw_width / drafted[1][2]) if drafted else 1  # what libjpeg will do
+    orientation = _orientation(image)
+    image = _finish(image)
+    if factor == 1:
+        return image, tuple(box)
+    reverse_x, reverse_y = _REVERSED_AXES.get(orientation, (False, False))
+    upright_width, upright_height = (raw_height, raw_width) if orientation in (5, 6, 7, 8) else (
+        raw_width, raw_height)
+    dx = image.width * factor - upright_width if reverse_x else 0
+    dy = image.height * factor - upright_height if reverse_y else 0
+    left, top, right, bottom = box
+    return image, ((left + dx) / factor, (top + dy) / factor, (right + dx) / factor,
+                   (bottom + dy) / factor)
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception as err:  # a corrupt EXIF block
+        raise BrokenRecord(f"undecodable image ({type(err).__name__}: {err})") from None
+
+
+def _finish(image: Image.Image) -> Image.Image:
+    """Decode the pixels now (truncation shows here, not later), upright, as RGB."""
+    try:
+        image.load()
+        if _orientation(image) in _REVERSED_AXES:
+            image = ImageOps.exif_transpose(image)
+        return _pil_to_rgb(image)
+    except BrokenRecord:
+        raise
+    except Exception as err:  # untrusted bytes: whatever PIL raises means "not usable"
+        raise BrokenRecord(f"undecodable image ({type(err).__name__}: {err})") from None
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
@@ -167,11 +272,16 @@ def centre_crop_box(width: int, height: int, crop_fraction: float = 1.0):
 def rand_augment(image: Image.Image, rng: np.random.Generator, num_ops: int = 2,
                  magnitude: int = 7, ops: Sequence[str] = GEOMETRIC_OPS) -> Image.Image:
     """RandAugment restricted to `ops` (geometric by default): `num_ops` operations, each drawn
-    uniformly, at `magnitude` of 30 with a random sign. Uncovered pixels get the mean colour."""
+    uniformly, at `magnitude` of 30 with a random sign. The drawn operations are composed into
+    one affine map and the image is resampled once (bilinear): the geometry of applying them in
+    turn, with one interpolation instead of two. Pixels the map takes from outside the image get
+    the image's mean colour."""
     unknown = set(ops) - set(GEOMETRIC_OPS)
     if unknown:
         raise ValueError(f"unknown RandAugment ops {sorted(unknown)}; known: {GEOMETRIC_OPS}")
-    fill = tuple(int(round(v)) for v in np.asarray(image).reshape(-1, 3).mean(0))
+    # Each op maps its output pixel to its input (PIL's AFFINE convention): op1 then op2 maps
+    # a final pixel x to op1's input M1 (M2 x), so the composed map is M1 @ M2.
+    matrix = np.eye(3)
     for _ in range(num_ops):
         op = ops[int(rng.integers(len(ops)))]
         if op == "identity":
@@ -179,22 +289,28 @@ def rand_augment(image: Image.Image, rng: np.random.Generator, num_ops: int = 2,
         value = _MAX[op] * magnitude / (_NUM_BINS - 1)
         if rng.random() < 0.5:
             value = -value
-        image = _apply(image, op, value, fill)
-    return image
-
-
-def _apply(image: Image.Image, op: str, value: float, fill) -> Image.Image:
-    w, h = image.size
-    if op == "rotate":
-        return image.rotate(value, resample=Image.Resampling.BILINEAR, fillcolor=fill)
-    # PIL's AFFINE maps each output pixel (x, y) to the input (a x + b y + c, d x + e y + f);
-    # shears act about the centre, as torchvision's do.
-    matrix = {"shear_x": (1, value, -value * h / 2, 0, 1, 0),
-              "shear_y": (1, 0, 0, value, 1, -value * w / 2),
-              "translate_x": (1, 0, -value * w, 0, 1, 0),
-              "translate_y": (1, 0, 0, 0, 1, -value * h)}[op]
-    return image.transform(image.size, Image.Transform.AFFINE, matrix,
+        matrix = matrix @ _inverse_map(op, value, *image.size)
+    if np.allclose(matrix, np.eye(3), rtol=0, atol=1e-12):
+        return image
+    # The mean colour from the histogram: exact, and a seventh of the time of a float mean.
+    fill = tuple(int(round(v)) for v in ImageStat.Stat(image).mean[:3])
+    return image.transform(image.size, Image.Transform.AFFINE, tuple(matrix[:2].ravel()),
                            resample=Image.Resampling.BILINEAR, fillcolor=fill)
+
+
+def _inverse_map(op: str, value: float, w: int, h: int) -> np.ndarray:
+    """3x3 map from an output pixel (x, y, 1) of `op` to its input pixel."""
+    if op == "rotate":  # counter-clockwise by `value` degrees about the centre, as PIL rotates
+        angle = -math.radians(value)
+        cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+        cx, cy = w / 2, h / 2
+        row = (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
+    else:  # shears act about the centre, as torchvision's do
+        row = {"shear_x": (1, value, -value * h / 2, 0, 1, 0),
+               "shear_y": (1, 0, 0, value, 1, -value * w / 2),
+               "translate_x": (1, 0, -value * w, 0, 1, 0),
+               "translate_y": (1, 0, 0, 0, 1, -value * h)}[op]
+    return np.asarray([row[:3], row[3:], (0, 0, 1)], np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,13 +319,15 @@ def _apply(image: Image.Image, op: str, value: float, fill) -> Image.Image:
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-    """Decode -> random resized crop to image_size -> horizontal flip -> geometric RandAugment."""
+    """Decode (at reduced scale when the crop allows) -> random resized crop to image_size ->
+    horizontal flip -> geometric RandAugment."""
     image_size: int
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     randaugment_ops: int = 2          # 0 turns RandAugment off
     randaugment_magnitude: int = 7
+    reduced_decode: bool = True       # JPEGs at 1/2, 1/4, 1/8 scale when the crop allows
 
     def __post_init__(self):
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
@@ -218,8 +336,9 @@ class TrainTransform:
             raise ValueError(f"randaugment_magnitude={self.randaugment_magnitude}: need 0..30")
 
     def __call__(self, image, rng: np.random.Generator) -> np.ndarray:
-        image = to_rgb_image(image)
-        box = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
+        image = open_image(image)  # the header: the box is drawn before any pixel is decoded
+        box = random_resized_crop_box(*upright_size(image), rng, self.scale, self.ratio)
+        image, box = decode_box(image, box, self.image_size, self.reduced_decode)
         image = image.resize((self.image_size, self.image_size), RESAMPLE, box=box)
         if self.flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -234,10 +353,12 @@ class EvalTransform:
     evaluation preprocessing at crop_fraction=1). Deterministic; `rng` is accepted and unused."""
     image_size: int
     crop_fraction: float = 1.0
+    reduced_decode: bool = True       # JPEGs at 1/2, 1/4, 1/8 scale when the crop allows
 
     def __call__(self, image, rng: np.random.Generator | None = None) -> np.ndarray:
-        image = to_rgb_image(image)
-        box = centre_crop_box(image.width, image.height, self.crop_fraction)
+        image = open_image(image)
+        box = centre_crop_box(*upright_size(image), self.crop_fraction)
+        image, box = decode_box(image, box, self.image_size, self.reduced_decode)
         return np.asarray(image.resize((self.image_size, self.image_size), RESAMPLE, box=box))
 
 

@@ -49,6 +49,7 @@ class EvalContext:
     image_size: int
     encoder: Any                      # batched.FeatureEncoder
     eval_cache_dir: Any = None        # cached eval features (runs that train from a cache)
+    inputs: Any = None                # inputs.ModelInputs: images and texts -> model inputs
 
 
 _TYPES: dict[str, EvaluatorType] = {}

@@ -15,7 +15,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from valign_jax.models.config import TowerConfig
+from valign_jax.models.config import BASE_SHAPE, LARGE_SHAPE, TowerConfig
 from valign_jax.models.layers import (Encoder, SelfAttention, activation, deep_adapter, dense,
                                       layer_norm, masked_mean, maybe_adapter, padding_mask)
 from valign_jax.models.registry import TowerFamily, register
@@ -149,17 +149,14 @@ class BertPooler(nn.Module):
 
 # BERT presets have no pooler: the towers pool [CLS] (LiLT) or the mean, so the pooler's weights
 # would sit unused (and inflate the trainable counts of LiLT's Table 1).
-_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-              intermediate_size=4096)
 
 FAMILY = register(TowerFamily(
     config=BertConfig, module=BertTower, modality="text",
     hf_class="BertModel", weight_prefixes=("", "bert"),
     norm_names=("LayerNorm",),
     presets={
-        "bert_base": lambda: BertConfig(**_BASE, add_pooling_layer=False),   # bert-base, SimCSE
-        "bert_large": lambda: BertConfig(**_LARGE, add_pooling_layer=False),
+        "bert_base": lambda: BertConfig(**BASE_SHAPE, add_pooling_layer=False),   # bert-base, SimCSE
+        "bert_large": lambda: BertConfig(**LARGE_SHAPE, add_pooling_layer=False),
         "minilm_l12": lambda: BertConfig(hidden_size=384, num_hidden_layers=12,
                                          num_attention_heads=12, intermediate_size=1536,
                                          add_pooling_layer=False),

@@ -19,7 +19,7 @@ from valign_jax.models.clip_layer import CLIPLayer
 from valign_jax.models.config import TowerConfig
 from valign_jax.models.layers import (Encoder, causal_mask, deep_adapter, layer_norm, masked_mean,
                                       padding_mask)
-from valign_jax.models.registry import TowerFamily, register
+from valign_jax.models.registry import DualCheckpoint, TowerFamily, register, register_dual
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,3 +108,12 @@ FAMILY = register(TowerFamily(
                                                  max_position_embeddings=32, eos_token_id=3,
                                                  projection_dim=64),
     }))
+
+# A full CLIPModel: these towers (and CLIP's vision tower) with bias-free linear projections.
+DUAL = register_dual(DualCheckpoint(
+    "clip", "CLIPModel", heads="linear",
+    settings=lambda hf_config, image, text: {
+        "projection_dim": hf_config.get("projection_dim", 512),
+        "logit_scale_init": hf_config.get("logit_scale_init_value", 2.6592)},
+    config_fields=lambda model: {"projection_dim": model.projection_dim,
+                                 "logit_scale_init_value": model.logit_scale_init}))

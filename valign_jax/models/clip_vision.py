@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from valign_jax.models.clip_layer import CLIPLayer
-from valign_jax.models.config import TowerConfig
+from valign_jax.models.config import BASE_SHAPE, LARGE_SHAPE, TowerConfig
 from valign_jax.models.layers import (Encoder, add_positions, deep_adapter, layer_norm,
                                       normal_init, patchify)
 from valign_jax.models.registry import TowerFamily, register
@@ -86,7 +86,6 @@ class CLIPVisionTower(nn.Module):
         return {"last_hidden_state": hidden, "pooled": norm("post_layernorm")(hidden[:, 0])}
 
 
-_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 
 FAMILY = register(TowerFamily(
     config=CLIPVisionConfig, module=CLIPVisionTower, modality="image",
@@ -95,11 +94,9 @@ FAMILY = register(TowerFamily(
     deep_norms=("post_layernorm",),
     position_table="embeddings/position_embedding/embedding",
     presets={
-        "clip_b32_vision": lambda: CLIPVisionConfig(**_BASE, patch_size=32),
-        "clip_b16_vision": lambda: CLIPVisionConfig(**_BASE, patch_size=16),
-        "clip_l14_vision": lambda: CLIPVisionConfig(hidden_size=1024, num_hidden_layers=24,
-                                                    num_attention_heads=16,
-                                                    intermediate_size=4096, patch_size=14),
+        "clip_b32_vision": lambda: CLIPVisionConfig(**BASE_SHAPE, patch_size=32),
+        "clip_b16_vision": lambda: CLIPVisionConfig(**BASE_SHAPE, patch_size=16),
+        "clip_l14_vision": lambda: CLIPVisionConfig(**LARGE_SHAPE, patch_size=14),
         "clip_tiny_vision": lambda: CLIPVisionConfig(hidden_size=64, num_hidden_layers=2,
                                                      num_attention_heads=4,
                                                      intermediate_size=128, image_size=32,

@@ -60,6 +60,11 @@ class TowerFamily:
     position_table: the path (suffix) of a position-embedding table stored for one image size,
         which loading resizes to the configured size; position_prefix_tokens: how many rows
         ahead of the patch grid it holds ([CLS]: 1), kept as they are.
+    head_names: the tower's own output heads (module names), when the tower itself maps its
+        features into the shared space (SigLIP's attention-pooling and text heads): the PEFT
+        recipes train them as "heads", like a dual encoder's projections.
+    pads_to_max_positions: a text tower trained on captions padded to max_position_embeddings
+        (SigLIP pools the last position): its tokenizer must pad to exactly that length.
     """
 
     config: type
@@ -74,6 +79,8 @@ class TowerFamily:
     dummy_inputs: Callable[[TowerConfig, int], dict] | None = None
     position_table: str = ""
     position_prefix_tokens: int = 1
+    head_names: tuple[str, ...] = ()
+    pads_to_max_positions: bool = False
 
     @property
     def name(self) -> str:
@@ -198,12 +205,88 @@ def norm_pattern() -> str:
     return "(" + "|".join(names) + ")" if names else "(?!)"
 
 
-def position_tables() -> dict[str, int]:
-    """{parameter path suffix: rows ahead of the patch grid} of every family's position table."""
-    return {fam.position_table: fam.position_prefix_tokens for fam in _FAMILIES.values()
+def position_tables(config=None) -> dict[str, int]:
+    """{parameter path suffix: rows ahead of the patch grid} of the position table of
+    `config`'s family (every family's when None; families may share a suffix with different
+    prefix rows, as CLIP's and SigLIP's do, so loaders ask for their tower's own)."""
+    fams = _FAMILIES.values() if config is None else (family_of(config),)
+    return {fam.position_table: fam.position_prefix_tokens for fam in fams
             if fam.position_table}
+
+
+def head_pattern() -> str:
+    """One regex alternative of every family's in-tower head names."""
+    names = sorted({re.escape(n) for fam in _FAMILIES.values() for n in fam.head_names})
+    return "(" + "|".join(names) + ")" if names else "(?!)"
 
 
 def deep_norm_pattern() -> str:
     names = sorted({re.escape(n) for fam in _FAMILIES.values() for n in fam.deep_norms})
     return "(" + "|".join(names) + ")" if names else "(?!)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-tower checkpoint types
+
+
+@dataclasses.dataclass(frozen=True)
+class DualCheckpoint:
+    """A two-tower checkpoint type (HF's CLIPModel, SiglipModel, ...) read as a DualEncoder.
+    Its towers are the families registered with `composite=(model_type, "vision" | "text")`;
+    this says what sits around them.
+
+    heads: the DualEncoder's image_head and text_head: "linear" (CLIP's bias-free
+        `visual_projection` / `text_projection`) or "identity" (SigLIP: the towers' own heads
+        already give the embeddings, and the DualEncoder adds nothing).
+    settings: (config.json dict, image tower config, text tower config) -> the DualEncoder's
+        other fields (projection_dim, logit_scale_init, logit_bias_init).
+    config_fields: DualEncoder -> the config.json keys beyond model_type, architectures and
+        the two towers' configs.
+    logit_bias: the checkpoint holds a learned `logit_bias` (sigmoid models).
+    logit_shape: the shape the checkpoint stores logit_scale (and logit_bias) with: CLIPModel
+        a 0-d tensor, SiglipModel shape (1,). The DualEncoder's are 0-d.
+    """
+
+    model_type: str
+    hf_class: str
+    heads: str
+    settings: Callable[[dict, TowerConfig, TowerConfig], dict]
+    config_fields: Callable[[object], dict] = lambda model: {}
+    logit_bias: bool = False
+    logit_shape: tuple[int, ...] = ()
+
+    def parts(self) -> dict[str, TowerFamily]:
+        """{"vision": family, "text": family} of its towers."""
+        parts = composite_types().get(self.model_type, {})
+        if set(parts) != {"vision", "text"}:
+            raise ValueError(f"two-tower type {self.model_type!r} needs a 'vision' and a "
+                             f"'text' family registered with composite=({self.model_type!r}, "
+                             f"part); found {sorted(parts)}")
+        return parts
+
+
+_DUAL: dict[str, DualCheckpoint] = {}
+
+
+def register_dual(kind: DualCheckpoint) -> DualCheckpoint:
+    _DUAL[kind.model_type] = kind
+    return kind
+
+
+def dual_checkpoint(model_type: str, source: str = "config.json") -> DualCheckpoint:
+    """The two-tower checkpoint type of a config.json's model_type."""
+    if model_type not in _DUAL:
+        raise ValueError(f"{source}: hf.load_dual_encoder reads two-tower checkpoints "
+                         f"(model_type {sorted(_DUAL)}), not model_type={model_type!r}; load "
+                         f"single towers with hf.load_tower")
+    return _DUAL[model_type]
+
+
+def dual_checkpoint_of(image_config, text_config) -> DualCheckpoint | None:
+    """The two-tower type whose vision and text families these tower configs belong to."""
+    for kind in _DUAL.values():
+        parts = composite_types().get(kind.model_type, {})
+        if (parts.get("vision") is family_of(image_config)
+                and parts.get("text") is family_of(text_config)):
+            return kind
+    return None

@@ -21,7 +21,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from valign_jax.models.config import TowerConfig
+from valign_jax.models.config import BASE_SHAPE, LARGE_SHAPE, TowerConfig
 from valign_jax.models.layers import (ACTIVATIONS, Encoder, SelfAttention, activation,
                                       add_positions, deep_adapter, dense, layer_norm,
                                       maybe_adapter, normal_init, patchify)
@@ -242,9 +242,6 @@ class ViTTower(nn.Module):
         return {"last_hidden_state": hidden, "pooled": pooled}
 
 
-_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-              intermediate_size=4096)
 
 VIT = register(TowerFamily(
     config=ViTConfig, module=ViTTower, modality="image",
@@ -252,9 +249,9 @@ VIT = register(TowerFamily(
     norm_names=("layernorm[^/]*",), deep_norms=("layernorm",),
     position_table="embeddings/position_embeddings",
     presets={  # HF's ViT layout: ViT, DeiT (non-distilled) and DINO checkpoints
-        "vit_b16": lambda: ViTConfig(**_BASE, patch_size=16, add_pooling_layer=False),
-        "vit_b32": lambda: ViTConfig(**_BASE, patch_size=32, add_pooling_layer=False),
-        "vit_l16": lambda: ViTConfig(**_LARGE, patch_size=16, add_pooling_layer=False),
+        "vit_b16": lambda: ViTConfig(**BASE_SHAPE, patch_size=16, add_pooling_layer=False),
+        "vit_b32": lambda: ViTConfig(**BASE_SHAPE, patch_size=32, add_pooling_layer=False),
+        "vit_l16": lambda: ViTConfig(**LARGE_SHAPE, patch_size=16, add_pooling_layer=False),
         "vit_tiny": lambda: ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=128, image_size=32, patch_size=8,
                                       add_pooling_layer=False),
