@@ -98,7 +98,7 @@ def structure_problems(config, unknown: list, broken: list) -> None:
                       f"{_shown(evals)}")
     else:
         for name in evals.keys():
-            _eval_entry_problems(name, evals[name], unknown, broken)
+            eval_entry_problems(name, evals[name], unknown, broken)
 
 
 def _walk(node, path: str, keys: dict, sections: dict, unknown: list, broken: list) -> None:
@@ -134,7 +134,9 @@ def _walk(node, path: str, keys: dict, sections: dict, unknown: list, broken: li
                f"default; build on it)" for key in required if key not in node.keys()]
 
 
-def _eval_entry_problems(name, entry, unknown: list, broken: list) -> None:
+def eval_entry_problems(name, entry, unknown: list, broken: list) -> None:
+    """What is wrong with config.evals.<name> (`entry`), before any model is built: appends
+    unknown keys to `unknown` and other problems (each naming its key) to `broken`."""
     from valign_jax.evaluation import registry
     where = f"config.evals.{name}"
     if not _is_section(entry):

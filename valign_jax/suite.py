@@ -132,13 +132,13 @@ def entry_config(config, entry: dict):
 
 def check_entries(config, entries: list[dict]) -> None:
     """Every entry's own checks (missing files, bad options), all reported at once."""
-    from valign_jax.config_checks import _eval_entry_problems
+    from valign_jax.config_checks import eval_entry_problems
     from valign_jax.evaluation import registry
     problems = []
     for entry in entries:
         cfg = entry_config(config, entry)
         unknown: list = []
-        _eval_entry_problems(entry["name"], cfg.evals[entry["name"]], unknown, problems)
+        eval_entry_problems(entry["name"], cfg.evals[entry["name"]], unknown, problems)
         problems += unknown
         kind = registry.evaluator_type(entry["task"])
         if kind.check is not None:
