@@ -73,14 +73,17 @@ def assert_trees_equal(actual, expected):
 
 def nan_pixels_at(monkeypatch, steps):
     """Training steps `steps` (1-based) get batches whose pixels are all NaN: a corrupt batch,
-    entering where every batch does (sharding.global_batch); evaluation batches are untouched."""
+    entering where every batch does (sharding.global_batch); evaluation batches are untouched.
+    The NaN pixels are float32 whatever the stream's dtype (uint8 batches cannot hold a NaN;
+    float ones pass the on-device normalisation unchanged)."""
     real_global_batch, calls = sharding.global_batch, []
 
     def corrupting(local, mesh):
         if {"pixel_values", "input_ids"} <= set(local):  # training batches only
             calls.append(1)
             if len(calls) in steps:
-                local = {**local, "pixel_values": np.full_like(local["pixel_values"], np.nan)}
+                shape = local["pixel_values"].shape
+                local = {**local, "pixel_values": np.full(shape, np.nan, np.float32)}
         return real_global_batch(local, mesh)
     monkeypatch.setattr(sharding, "global_batch", corrupting)
 

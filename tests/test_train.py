@@ -14,6 +14,7 @@ from valign_jax.models.layout import abstract_params
 from valign_jax.recipes import load_config
 from valign_jax.run_setup import build_model, initial_params
 
+from reliability_helpers import nan_pixels_at
 from train_helpers import RECIPES, shrink, tiny_config
 
 EVAL_KEYS = ("retrieval/i2t_r1", "retrieval/t2i_r10", "zeroshot/synthetic/top1",
@@ -118,15 +119,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     with finite parameters."""
     config = tiny_config("clip", steps=6)
     config.checkpoint_every = 2
-    real_global_batch, calls = sharding.global_batch, []
-
-    def corrupt_third_batch(local, mesh):
-        if {"pixel_values", "input_ids"} <= set(local):
-            calls.append(1)
-            if len(calls) == 3:  # step 3's batch carries NaN pixels
-                local = {**local, "pixel_values": np.full_like(local["pixel_values"], np.nan)}
-        return real_global_batch(local, mesh)
-    monkeypatch.setattr(sharding, "global_batch", corrupt_third_batch)
+    nan_pixels_at(monkeypatch, {3})
     with pytest.raises(FloatingPointError, match="step 3") as err:
         train.train_and_evaluate(config, tmp_path)
     assert "last good checkpoint is step 2" in str(err.value)
