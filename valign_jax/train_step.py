@@ -70,9 +70,9 @@ def model_outputs(model, params, batch, objective, teacher_params=None) -> dict:
             raise ValueError("the objective needs a teacher: pass its parameters to the step")
         out["teacher"] = model.apply({"params": jax.lax.stop_gradient(teacher_params)},
                                      *inputs)
-    if "model" in needs:
-        out["apply"] = lambda method, *args: model.apply(variables, *args,
-                                                         method=getattr(model, method))
+    if "model" in needs:  # a method's name, or a function (module, *args) run as one
+        out["apply"] = lambda method, *args: model.apply(
+            variables, *args, method=method if callable(method) else getattr(model, method))
     return out
 
 
