@@ -14,9 +14,9 @@ They return plain dicts whose keys carry no group prefix; evaluators write them 
 `retrieval/<key>`, `zeroshot/<dataset>/<key>`, `geometry/<key>`, `compositional/<dataset>/<key>`,
 `fewshot/<dataset>/<k>shot` (docs/metrics.md).
 
-Evaluators (`registry`, `evaluator`, `build`): model-running classes built per `config.evals`
+Evaluators (`registry`, `evaluator`, `build`, `heldout`): model-running classes built per `config.evals`
 entry from registered types, each with its own schedule. Importing this package registers the
 built-in types.
 """
 
-from valign_jax.evaluation import build  # noqa: F401  (registers the built-in evaluator types)
+from valign_jax.evaluation import build, heldout  # noqa: F401  (register the built-in types)
