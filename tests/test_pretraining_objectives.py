@@ -159,3 +159,15 @@ def test_the_pretraining_recipes_pass_the_checks_and_pretrained_is_explained(tmp
             recipes.load_config(f"{REPO}/configs/{recipe},demo,pretrained")
         with pytest.raises(ValueError, match="use it with `demo`"):
             recipes.load_config(f"{REPO}/configs/{recipe},pretrained")
+
+
+def test_a_mask_token_beyond_the_vocabulary_is_named():
+    """The embedding lookup would clamp it silently: the step refuses it when traced."""
+    model = DualEncoder(registry.preset("vit_tiny"), registry.preset("bert_tiny"),
+                        projection_dim=8)
+    params = model.init(jax.random.PRNGKey(0), **model.dummy_inputs())["params"]
+    batch = {**synthetic.WordTokenizer(16)(["a red circle", "two blue squares"]),
+             "pixel_values": np.zeros((2, 32, 32, 3), np.float32)}
+    objective = masked_lm.masked_lm_objective(mask_token_id=10_000)
+    with pytest.raises(ValueError, match=r"mask_token_id=10000 .*\(size 512\)"):
+        objective(model_outputs(model, params, batch, objective), batch, jax.random.PRNGKey(0))

@@ -18,6 +18,7 @@ modifiers (`demo`: tiny towers on the embedded synthetic data, offline).
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import ml_collections
@@ -90,7 +91,6 @@ def pretrained_towers_dir() -> Path:
     """Where the miniature's pretrained tiny towers live (`image/` and `text/`, Hugging Face
     directories): $VALIGN_JAX_PRETRAINED_TOWERS, else ~/.cache/valign_jax/pretrained_towers.
     `python -m papers.run pretrain` trains them there (configs/pretrain.py)."""
-    import os
     return Path(os.environ.get(PRETRAINED_TOWERS_ENV)
                 or Path.home() / ".cache" / "valign_jax" / "pretrained_towers").expanduser()
 

@@ -65,10 +65,20 @@ def corrupt(rng, input_ids, attention_mask, rate: float, mask_token_id: int):
 
 
 def masked_lm_objective(rate: float = 0.15, mask_token_id: int = SPECIAL_IDS["unk"]) -> Objective:
+    def checked_logits(module, input_ids, attention_mask):
+        # An id beyond the table would be clamped by the embedding lookup, silently: the
+        # vocabulary size is known only here, when the step is traced.
+        vocab_size = module.text_config.vocab_size
+        if not 0 <= mask_token_id < vocab_size:
+            raise ValueError(f"config.objective.mask_token_id={mask_token_id} is not a token of "
+                             f"the text tower's vocabulary (size {vocab_size}): set the id of "
+                             f"its tokenizer's [MASK] (or [UNK])")
+        return token_logits(module, input_ids, attention_mask)
+
     def loss(out, batch, rng):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         corrupted, chosen = corrupt(rng, ids, mask, rate, mask_token_id)
-        logits = out["apply"](token_logits, corrupted, mask)
+        logits = out["apply"](checked_logits, corrupted, mask)
         log_probs = jax.nn.log_softmax(logits)
         picked = jnp.take_along_axis(log_probs, ids[..., None], axis=-1)[..., 0]
         count = jnp.maximum(jnp.sum(chosen), 1)
