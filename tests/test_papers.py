@@ -1,7 +1,7 @@
-"""Issue 26 end to end at reduced steps: `papers.run` pretrains both towers through the one
-training loop, exports them, and trains three LiLT rows (frozen, LiLT-LN, LiLT-LwA) that start
-from them; the files, the table's rows, the weights each row loaded and what stayed frozen are
-checked against the exported towers themselves."""
+"""Issue 26 end to end at reduced steps: `papers.run all` pretrains both towers through the one
+training loop, exports them, trains three LiLT rows (frozen, LiLT-LN, LiLT-LwA) and two SAIL
+alignment layers (linear, GLU) that start from them; the files, the tables' rows, the weights
+each run loaded and what stayed frozen are checked against the exported towers themselves."""
 
 import json
 
@@ -17,6 +17,7 @@ from valign_jax.run_setup import initial_params
 from papers import run as papers_run
 
 ROWS = ("frozen", "lilt_ln", "lilt_lwa")
+HEADS = ("linear", "glu")
 
 
 def flat(tree):
@@ -29,8 +30,9 @@ def papers(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv(recipes.PRETRAINED_TOWERS_ENV, str(workdir / "towers"))  # restored afterwards
     try:
-        results = papers_run.run("lilt", workdir, workdir / "towers", rows=ROWS,
-                                 steps={"pretrain": 40, "lilt": 15}, log=lambda _: None)
+        results = papers_run.run("all", workdir, workdir / "towers", rows=ROWS, heads=HEADS,
+                                 steps={"pretrain": 40, "lilt": 15, "sail": 15},
+                                 log=lambda _: None)
     finally:
         mp.undo()
     return workdir, results
@@ -117,3 +119,29 @@ def test_the_table_has_the_rows_and_the_ln_shift(papers):
     assert by_row["frozen"]["end"] == by_row["frozen"]["start"]
     assert (workdir / "lilt" / "lilt_ln" / "ln_shift.png").stat().st_size > 0
     assert results["timing"]["total"]["cpu_s"] > 0
+
+
+def test_sail_heads_train_on_cached_features_of_the_pretrained_towers(papers):
+    """Each alignment layer trains from the one shared cache, which the exported towers
+    computed; its run holds the alignment layers and the logit scale and bias, no tower."""
+    workdir, results = papers
+    assert [h["head"] for h in results["sail"]] == list(HEADS)
+    cache = workdir / "sail" / "feature_cache"
+    for split in ("train", "eval"):
+        manifest = json.loads((cache / split / "manifest.json").read_text())
+        assert manifest["image_checkpoint"] == str(workdir / "towers" / "image")
+        assert manifest["text_checkpoint"] == str(workdir / "towers" / "text")
+    trainable = {}
+    for h in results["sail"]:
+        _, params, config = valign_jax.load_trained(workdir / "sail" / h["head"])
+        assert config.model.image_head == config.model.text_head == h["head"]
+        assert config.data.feature_cache == str(cache)
+        assert set(params) <= {"visual_projection", "text_projection", "logit_scale",
+                               "logit_bias"}, sorted(params)
+        assert 0 <= h["end_to_end"]["zeroshot/synthetic/top1"] <= 1
+        trainable[h["head"]] = h["trainable"]
+    assert trainable["glu"] > trainable["linear"] > 0
+    table = (workdir / "papers.md").read_text()
+    for head in HEADS:
+        assert any(line.startswith(f"| {head} |") for line in table.splitlines()), head
+    assert "| GLU layers beat linear ones" in table
