@@ -189,28 +189,38 @@ def random_params(shapes, seed: int = 0):
 
 
 def compiled_train_step(model, recipe: str, batch, settings=ADAMW, objective=None,
-                        logit_preset: str = "clip", params=None):
+                        logit_preset: str = "clip", params=None, micro_batches: int = 1):
     """Our train step for `model` under a PEFT recipe, jitted with the state donated (as
     train.make_trainer does) and compiled for `batch`; returns (compiled step, state, extra)
     where extra holds the compile seconds and trainable / total parameter counts.
-    With params=None only shapes are used (nothing is allocated): for cost analysis."""
+    With params=None only shapes are used (nothing is allocated): for cost analysis.
+    micro_batches: k > 1 compiles the gradient-caching step (config.micro_batches)."""
+    lowered, state, step, labels, lower_s = lowered_train_step(model, recipe, batch, settings,
+                                                               objective, logit_preset, params,
+                                                               micro_batches)
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    seconds = lower_s + time.perf_counter() - start
+    trainable, total = peft.count(state.params, labels)
+    return compiled, state, {"compile_s": seconds, "matmul_flops": matmul_flops(step, state, batch),
+                             "trainable_params": int(trainable), "total_params": int(total)}
+
+
+def lowered_train_step(model, recipe: str, batch, settings=ADAMW, objective=None,
+                       logit_preset: str = "clip", params=None, micro_batches: int = 1):
+    """(lowered step, state, step function, labels, seconds spent lowering): the step of
+    compiled_train_step, lowered for `batch` but not compiled. With params=None the state
+    holds only shapes."""
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs()))
     labels = peft.make_labels(shapes["params"], recipe)
     optimizer = optim.make_optimizer(settings, labels, total_steps=1000)
     step = make_train_step(model, optimizer, labels, objective or contrastive_objective(),
-                           logit_preset)
+                           logit_preset, micro_batches=micro_batches)
     make_state = jax.jit(lambda p: create_state(p, optimizer, jax.random.PRNGKey(1)))
-    if params is None:
-        state = jax.eval_shape(make_state, shapes["params"])
-    else:
-        state = make_state(params)
+    state = jax.eval_shape(make_state, shapes["params"]) if params is None else make_state(params)
     start = time.perf_counter()
     lowered = jax.jit(step, donate_argnums=0).lower(state, batch)
-    compiled = lowered.compile()
-    seconds = time.perf_counter() - start
-    trainable, total = peft.count(shapes["params"], labels)
-    return compiled, state, {"compile_s": seconds, "matmul_flops": matmul_flops(step, state, batch),
-                             "trainable_params": int(trainable), "total_params": int(total)}
+    return lowered, state, step, labels, time.perf_counter() - start
 
 
 def abstract(batch: dict) -> dict:

@@ -19,7 +19,8 @@ import traceback
 
 import jax
 
-from benchmarks import common, compile_time, ring_memory, sail_throughput, step_time
+from benchmarks import (common, compile_time, micro_batches, ring_memory, sail_throughput,
+                        step_hlo, step_time)
 
 CLIP_RECIPES = ("full", "lilt_ln", "lilt_lwa")
 # Every figure each group writes (a failed or skipped group still lists them).
@@ -29,9 +30,12 @@ GROUPS = {
                   "lwa_vs_full_peak_memory_ratio")
     + tuple(f"clip_{r}_{m}" for r in CLIP_RECIPES for m in ("examples_per_s", "mfu")),
     "compile_time": ("scan_vs_unrolled_compile_speedup",),
+    "step_hlo": ("cast_once_vs_per_use_converts_ratio",),
     "ring_memory": ("chunked_vs_gathered_sigmoid_peak_memory_ratio",
                     "chunked_vs_gathered_softmax_peak_memory_ratio",
                     "chunked_vs_dense_metrics_peak_memory_ratio"),
+    "micro_batches": ("micro_batches_8_vs_1_peak_memory_ratio",
+                      "micro_batches_2_vs_1_step_time_ratio"),
     "sail": ("cached_vs_end_to_end_pairs_per_s_ratio",),
     "data_pipeline": ("data_pipeline_vs_tf_data_images_per_s_ratio",
                       "data_pipeline_randaugment_vs_tf_data_images_per_s_ratio",
@@ -44,18 +48,27 @@ MODES = {
     # name: sizes of each group, and (warm-up, timed) steps
     "tiny": dict(clip=C("vit_tiny", "bert_tiny", 32, 16, 8, projection_dim=64),
                  compile=C("vit_tiny", "bert_tiny", 32, 16, 2, projection_dim=64),
+                 hlo=C("vit_tiny", "bert_tiny", 32, 16, 2, projection_dim=64, dtype="bfloat16"),
                  sail=S("dinov2_tiny", "bert_tiny", 32, 16, 8, 64, projection_dim=64),
-                 ring=(1024, 64), data=(8, 2, 1), timing=(1, 2)),
+                 ring=(1024, 64), data=(8, 2, 1), timing=(1, 2),
+                 micro=(C("vit_tiny", "bert_tiny", 32, 16, 64, projection_dim=64), 8,
+                        C("vit_tiny", "bert_tiny", 32, 16, 16, projection_dim=64), 2)),
     "quick": dict(clip=C(image_size=64, text_length=16, batch=8, layers=6),
                   compile=C(image_size=64, text_length=16, batch=2),
+                  hlo=C(image_size=64, text_length=16, batch=4, layers=2, dtype="bfloat16"),
                   sail=S(image_size=112, text_length=40, batch=2, cached_batch=256),
-                  ring=(32768, 1024), data=(128, 6, 2), timing=(1, 6)),
+                  ring=(32768, 1024), data=(128, 6, 2), timing=(1, 6),
+                  micro=(C(batch=1024), 8, C(image_size=64, text_length=16, batch=16), 2)),
     "full": dict(clip=C(batch=8), compile=C(batch=8), sail=S(batch=8, cached_batch=1024),
-                 ring=(32768, 1024), data=(512, 24, 2), timing=(2, 5)),
+                 hlo=C(image_size=64, text_length=16, batch=4, layers=2, dtype="bfloat16"),
+                 ring=(32768, 1024), data=(512, 24, 2), timing=(2, 5),
+                 micro=(C(batch=1024), 8, C(image_size=64, text_length=16, batch=16), 2)),
     "accelerator": dict(clip=C(batch=256, dtype="bfloat16"),
                         compile=C(batch=256, dtype="bfloat16"),
+                        hlo=C(batch=256, dtype="bfloat16"),
                         sail=S(batch=256, dtype="bfloat16"),
-                        ring=(32768, 1024), data=(512, 24, 2), timing=(3, 10)),
+                        ring=(32768, 1024), data=(512, 24, 2), timing=(3, 10),
+                        micro=(C(batch=1024), 8, C(batch=256, dtype="bfloat16"), 2)),
 }
 
 
@@ -66,8 +79,12 @@ def run_group(group: str, mode: dict, args) -> dict:
                                  cudnn=jax.default_backend() == "gpu")
     if group == "compile_time":
         return compile_time.measure(mode["compile"])
+    if group == "step_hlo":
+        return step_hlo.measure(mode["hlo"])
     if group == "ring_memory":
         return ring_memory.measure(*mode["ring"])
+    if group == "micro_batches":
+        return micro_batches.measure(*mode["micro"], mode["timing"])
     if group == "sail":
         return sail_throughput.measure(mode["sail"], mode["timing"])
     from benchmarks import data_pipeline

@@ -8,7 +8,9 @@ Variants:
   pretrained_towers   DeiT-B/16 and BERT-base weights, every parameter trained
 Modifiers: `demo` (tiny towers, embedded data, offline); `fixed_scale` holds the logit scale at
 100, where OpenAI's CLIP ends its training — the CLIP-Refine demo pretrains this way so its
-model keeps a modality gap to close (docs/methods.md §3).
+model keeps a modality gap to close (docs/methods.md §3); `micro` computes each step in 4
+micro-batches by gradient caching (docs/methods.md §8): the same steps as without it, with a
+quarter of the activations in memory at a time.
 """
 
 import math
@@ -20,7 +22,7 @@ VARIANTS = ("scratch", "pretrained_towers")
 
 def get_config(arg=None):
     variant, modifiers = recipes.parse_arg(arg, VARIANTS, "scratch", "configs/clip.py",
-                                          modifiers=("demo", "fixed_scale"))
+                                          modifiers=("demo", "fixed_scale", "micro"))
     c = recipes.base_config()
     c.variant = variant
     if variant == "scratch":
@@ -42,6 +44,8 @@ def get_config(arg=None):
     if "demo" in modifiers:
         recipes.demo_towers(c)
         recipes.demo(c, steps=500, lr=2e-3)
+    if "micro" in modifiers:
+        c.micro_batches = 4
     if "fixed_scale" in modifiers:
         c.model.logit_scale_init = math.log(100.0)
         c.peft.overrides = ("^logit_scale$=frozen",)

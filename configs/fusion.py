@@ -35,4 +35,7 @@ def get_config(arg=None):
         recipes.demo(c, steps=1000, lr=2e-3)
         c.data.train = c.data.eval = "synthetic:relations"
         c.eval.zeroshot = ""
+        # the held-out scenes next to their swapped-colour twins, in both compositional forms,
+        # scored by cosine and by the re-ranking score
+        c.evals.relations = recipes.eval_entry("compositional", data="synthetic:relations")
     return c

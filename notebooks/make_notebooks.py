@@ -8,7 +8,10 @@ end with VALIGN_NOTEBOOK_SMALL=1).
 
 Every notebook starts with a code cell tagged "parameters" (papermill's convention: a runner may
 insert a cell after it that overrides the values), then the cell that installs valign_jax on
-Colab and the shared set-up.
+Colab and the shared set-up. After that each step is one call of the package's public API
+(valign_jax/api.py: load, load_images, zero_shot, recipe, plot_predictions, plot_metrics; and
+valign_jax.train.train_and_evaluate, valign_jax.evaluate.evaluate) plus what it prints or draws:
+no helper is defined in a notebook and no internal module is imported.
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ SETUP = '''\
 from pathlib import Path
 
 import jax
-import numpy as np
 
 import valign_jax
 
@@ -59,43 +61,12 @@ if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 print(f"valign_jax {valign_jax.__version__}; devices: {jax.devices()}")'''
 
-# The notebooks that train read the recipes from the checkout valign_jax was installed from.
-SETUP_WITH_RECIPES = SETUP + '''
-
-# The recipes (configs/*.py) live in the repository checkout, next to the package.
-REPO = Path(valign_jax.__file__).resolve().parents[1]
-if not (REPO / "configs").is_dir():
-    raise FileNotFoundError(f"{REPO / 'configs'} is missing: install valign_jax from a checkout "
-                            f"of its repository (pip install -e .), which holds the recipes")'''
-
-OVERRIDE = '''\
-from valign_jax.recipes import load_config
-
-
-def override(config, values: dict) -> list[str]:
-    """Sets config keys ("data.num_eval": 128; a None value keeps the recipe's own) and returns
-    the command-line flags that do the same for `python -m valign_jax.main`."""
-    flags = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise KeyError(f"override {key!r}: the config has no such key")
-        node[leaf] = value
-        flags.append(f"--config.{key}={value}")
-    return flags'''
-
-
 # ---------------------------------------------------------------------------------------------
 # zero_shot.ipynb
 
 
 ZERO_SHOT = [
-    ("md", '''\
+    ("md", """\
 # Zero-shot classification with a CLIP model
 
 A CLIP model embeds images and texts into one space. To classify an image without training a
@@ -111,129 +82,69 @@ This notebook does that for
 
 on the embedded synthetic shapes (24 classes: a colour and a shape) or on your own images in
 class folders (`<root>/<class name>/<image files>`), and shows a grid of images with the
-predicted labels.'''),
-    ("parameters", SMALL_SWITCH + '''
+predicted labels. Each step is one call: `valign_jax.load`, `valign_jax.load_images`,
+`valign_jax.zero_shot`, `valign_jax.plot_predictions`."""),
+    ("parameters", SMALL_SWITCH + """
 
 MODEL = "openai/clip-vit-base-patch32"  # HF hub id, local HF CLIP directory, or a training workdir
 IMAGES = "synthetic:shapes"   # or a directory of class folders: <root>/<class name>/<images>
 TEMPLATES = "auto"            # "auto" | "single" | "clip7" | "clip80" | ["a photo of a {}.", ...]
 NUM_IMAGES = 64 if SMALL else 512   # images classified; the accuracy is over these
 SHOW = 8 if SMALL else 16           # images in the grid
-''' + REPO_URL),
+""" + REPO_URL),
     ("code", INSTALL),
     ("code", SETUP),
-    ("md", '''\
+    ("md", """\
 ## Load the model
 
-A training workdir holds `model.json` (the architecture), `config.json` (the recipe) and
-orbax checkpoints; `valign_jax.load_trained` rebuilds the model and restores the latest
-parameters, and the run's config says how it tokenised captions and normalised pixels. An HF
-checkpoint brings its own tokenizer and pixel statistics (`preprocessor_config.json`).'''),
-    ("code", '''\
-import ml_collections
+`valign_jax.load` reads a training workdir (`model.json`: the architecture; `config.json`: the
+recipe, which says how the run tokenised captions and normalised pixels; the latest orbax
+checkpoint) or an HF checkpoint, which brings its own tokenizer and pixel statistics
+(`preprocessor_config.json`)."""),
+    ("code", """\
+model = valign_jax.load(MODEL)
+print(model)"""),
+    ("md", """\
+## The images
 
-from valign_jax import checkpointing, hf
-from valign_jax.data import pipeline
-from valign_jax.run_setup import input_setup
-
-if (Path(MODEL) / checkpointing.MODEL_JSON).is_file():  # a valign_jax training run
-    model, params, config = valign_jax.load_trained(MODEL)
-    image_size, collate = input_setup(config, model)
-    tokenizer, mean, std = collate.tokenizer, collate.mean, collate.std
-else:  # a Hugging Face CLIP checkpoint
-    from valign_jax.data.tokenizer import Tokenizer
-    model, params = hf.load_dual_encoder(MODEL)
-    image_size = model.image_config.image_size
-    tokenizer = Tokenizer(MODEL, max_length=model.text_config.max_position_embeddings)
-    # Its preprocessor_config.json's mean and std; without one, pixels go to [-1, 1].
-    mean, std = pipeline.normalization(ml_collections.ConfigDict({"checkpoint": MODEL}),
-                                       ml_collections.ConfigDict({"image_mean": (0.5,) * 3,
-                                                                  "image_std": (0.5,) * 3}))
-print(f"{MODEL}: {image_size} px images, pixel mean {mean}, std {std}")'''),
-    ("md", '''\
-## The images and the prompts
-
-`pipeline.make_source` reads the same data strings a training config takes; evaluation
-resizes and centre-crops each image to the model's size. The synthetic shapes are drawn at any
-size, so a 224 px CLIP sees them sharp. The templates are those the training loop's zero-shot
-evaluation uses (`valign_jax/evaluation/templates.py`).'''),
-    ("code", '''\
-from valign_jax.evaluation.build import dataset_class_names
-from valign_jax.evaluation.templates import templates_for
-
-data = ml_collections.ConfigDict({"num_train": 0, "num_eval": NUM_IMAGES, "seed": 0})
-source = pipeline.make_source(IMAGES, "eval", data, image_size, "IMAGES")
-records = pipeline.eval_records(source, limit=NUM_IMAGES).records
-images = np.stack([r["image"] for r in records])  # uint8 (N, H, W, 3)
-labels = np.array([r["label"] for r in records])
-class_names = list(dataset_class_names(source))
-templates = templates_for(TEMPLATES, IMAGES, key="TEMPLATES")
-print(f"{len(images)} images, {len(class_names)} classes, e.g. {class_names[:4]}")
-example = templates[0].format(class_names[0])
-print(f"{len(templates)} templates, e.g. {templates[0]!r}: {example!r}")'''),
-    ("md", '''\
+`valign_jax.load_images` reads the same data strings a training config takes and resizes and
+centre-crops each image to the model's size, as a run's evaluation does. The synthetic shapes
+are drawn at any size, so a 224 px CLIP sees them sharp. From a larger folder it takes a
+random sample of `NUM_IMAGES`, so every class can appear."""),
+    ("code", """\
+data = valign_jax.load_images(IMAGES, model.image_size, limit=NUM_IMAGES)
+print(data)"""),
+    ("md", """\
 ## Classify
 
-The training loop's evaluation code embeds the images and prompts in batches
-(`FeatureEncoder`) and builds one embedding per class from its prompts
-(`zeroshot.class_embeddings`: normalise, average over templates, normalise again).'''),
-    ("code", '''\
-from valign_jax import sharding
-from valign_jax.evaluation import zeroshot
-from valign_jax.batched import FeatureEncoder, eval_batch_size
-from valign_jax.evaluation.geometry import l2_normalize
-
-mesh = sharding.make_mesh()  # every local device takes a slice of each batch
-param_sh = sharding.tree_shardings(params, mesh)
-placed = sharding.put(params, param_sh)
-encoder = FeatureEncoder(model, mesh, param_sh, eval_batch_size(64, mesh))
-
-image_features = encoder.images(placed, images, lambda x: pipeline.normalize(x, mean, std))
-prompts = [t.format(name) for name in class_names for t in templates]  # class-major
-class_features = zeroshot.class_embeddings(encoder.texts(placed, tokenizer(prompts)),
-                                           len(class_names), len(templates))
-
-scale = float(np.exp(params["logit_scale"]))  # CLIP's learned inverse temperature
-logits = scale * l2_normalize(image_features, "image features") @ class_features.T
-probs = np.asarray(jax.nn.softmax(logits, axis=1))
-predicted = probs.argmax(axis=1)
-metrics = zeroshot.zeroshot_metrics(image_features, class_features, labels)
-print(f"top-1 accuracy {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f} over {len(labels)} "
-      f"images (chance: {1 / len(class_names):.3f}); logit scale {scale:.1f}")'''),
-    ("md", '''\
+`valign_jax.zero_shot` writes every class name into the templates (`"auto"`: the shapes' own;
+CLIP's 80 for other data), embeds images and prompts in batches and builds one embedding per
+class from its prompts (normalise, average over templates, normalise again): the code the
+training loop's zero-shot evaluation runs, so on a run's own held-out shapes the accuracy is
+the one it logged."""),
+    ("code", """\
+result = valign_jax.zero_shot(model, data, templates=TEMPLATES)
+print(result)
+print(f"chance: {1 / len(data.class_names):.3f}; {len(result.templates)} prompts per class, "
+      f"e.g. {result.templates[0].format(data.class_names[0])!r}")"""),
+    ("md", """\
 ## Predictions
 
 Each image with its most probable class and that probability; green when it is the true
-class, red otherwise (the true class in brackets).'''),
-    ("code", '''\
-import math
-
-import matplotlib.pyplot as plt
-
-shown = min(SHOW, len(images))
-cols = min(shown, 8)
-rows = math.ceil(shown / cols)
-fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
-for i, ax in enumerate(axes.flat):
-    ax.axis("off")
-    if i >= shown:
-        continue
-    ax.imshow(images[i])
-    right = predicted[i] == labels[i]
-    ax.set_title(f"{class_names[predicted[i]]} {probs[i, predicted[i]]:.0%}"
-                 + ("" if right else f"\\n({class_names[labels[i]]})"),
-                 color="green" if right else "red", fontsize=9)
-fig.tight_layout()
-plt.show()'''),
-    ("md", '''\
+class, red otherwise (the true class in brackets). `result.probs` holds every class's
+probability, `result.predicted` the chosen class of each image."""),
+    ("code", """\
+valign_jax.plot_predictions(data, result, count=SHOW)"""),
+    ("md", """\
 ## Try your own
 
 - `MODEL`: another CLIP on the hub with safetensors or Flax weights (e.g.
   `openai/clip-vit-large-patch14`), or the workdir of a run from `train.ipynb` /
   `python -m valign_jax.main`.
 - `IMAGES`: a folder of class folders; the folder names are the class names written into the
-  prompts, so name them as you would say them ("golden retriever", not "n02099601").
-- `TEMPLATES`: `"clip80"` is CLIP's 80-prompt ensemble, `"single"` LiLT's "a photo of {}".'''),
+  prompts, so name them as you would say them ("golden retriever", not "n02099601"), or give
+  `load_images(..., class_names=[...])` the names to use.
+- `TEMPLATES`: `"clip80"` is CLIP's 80-prompt ensemble, `"single"` LiLT's "a photo of {}"."""),
 ]
 
 
@@ -242,7 +153,7 @@ plt.show()'''),
 
 
 TRAIN = [
-    ("md", '''\
+    ("md", """\
 # Train a recipe, watch it in TensorBoard, evaluate it
 
 valign_jax trains every recipe (CLIP, SigLIP, LiT, LiLT, SAIL, CLIP-Refine) with one loop;
@@ -254,10 +165,10 @@ synthetic shapes, offline. It is what
 
 does, and takes about a minute on a CPU. The run evaluates at step 0 and every 125 steps
 (image-text retrieval, zero-shot classification, the modality gap) into
-`<workdir>/metrics.jsonl` and TensorBoard. Then `valign_jax.evaluate` evaluates the last
-checkpoint and draws two plots: the joint embedding space, and how far training moved each
-LayerNorm.'''),
-    ("parameters", SMALL_SWITCH + '''
+`<workdir>/metrics.jsonl` and TensorBoard. Then `valign_jax.evaluate.evaluate` evaluates the
+last checkpoint and draws two plots: the joint embedding space, and how far training moved
+each LayerNorm."""),
+    ("parameters", SMALL_SWITCH + """
 
 CONFIG = "configs/clip.py:demo"    # any recipe: configs/<recipe>.py:<variant>,<modifiers>
 WORKDIR = "workdirs/notebook_train"  # checkpoints, metrics, TensorBoard logs; rerunning resumes
@@ -270,97 +181,71 @@ STEPS = 100 if SMALL else None       # None: the recipe's own (500 for the demo)
 NUM_EVAL = 128 if SMALL else None    # held-out images per evaluation (None: the recipe's)
 BATCH_SIZE = None                    # None: the recipe's (64 for the demo, 512 for COCO)
 TENSORBOARD = not SMALL              # show TensorBoard inline (starts a TensorBoard server)
-''' + REPO_URL),
+""" + REPO_URL),
     ("code", INSTALL),
-    ("code", SETUP_WITH_RECIPES),
-    ("md", '''\
+    ("code", SETUP),
+    ("md", """\
 ## The recipe
 
-`load_config` reads `configs/<recipe>.py:<argument>` as `--config=` does; the values set here
-are what `--config.<key>=<value>` flags would set on the command line.'''),
-    ("code", OVERRIDE + '''
-
-
-spec = COCO_CONFIG if COCO else CONFIG
-if COCO:  # fail now, with the command that prepares the data, rather than after loading towers
-    from valign_jax.data.sources import open_source
-    open_source("tfds:coco_captions/train", "COCO")
-config = load_config(str(REPO / spec))
-flags = override(config, {"total_steps": STEPS, "data.num_eval": NUM_EVAL,
-                          "batch_size": BATCH_SIZE})
-print(f"data: train {config.data.train}, eval {config.data.eval}, zero-shot "
-      f"{config.eval.zeroshot or '-'}")
-print(f"towers: {config.model.image.preset} + {config.model.text.preset}; "
-      f"objective {config.objective.kind}; batch {config.batch_size}; "
-      f"steps {config.total_steps or f'{config.num_epochs} epochs'}")
-print("the same run from a shell:\\n  python -m valign_jax.main "
-      + " ".join([f"--config={spec}", f"--workdir={WORKDIR}", *flags]))'''),
-    ("md", '''\
+`valign_jax.recipe` reads `configs/<recipe>.py:<argument>` as `--config=` does (relative to
+the working directory or to the repository) and sets the keys given (a None value keeps the
+recipe's own); it also gives the command line that makes the same config with
+`--config.<key>=<value>` flags."""),
+    ("code", """\
+recipe = valign_jax.recipe(COCO_CONFIG if COCO else CONFIG, {
+    "total_steps": STEPS, "data.num_eval": NUM_EVAL, "batch_size": BATCH_SIZE})
+print(recipe)
+print("the same run from a shell:\\n  " + recipe.command(WORKDIR))"""),
+    ("md", """\
 ## Train
 
-`train.train_and_evaluate` is the loop behind `python -m valign_jax.main`: it writes
-`config.json` and `model.json`, trains, evaluates, and saves orbax checkpoints (the parameters,
-the optimizer state and the data iterator's position) into the workdir. Its progress (steps/s,
-ETA) and the training loss go to TensorBoard. Rerunning this cell resumes from the latest
-checkpoint; a finished run returns at once.'''),
-    ("code", '''\
-from valign_jax import train
-from valign_jax.main import summary
-
-metrics = train.train_and_evaluate(config, WORKDIR)
-print(summary(WORKDIR, metrics))'''),
-    ("md", '''\
+`valign_jax.train.train_and_evaluate` is the loop behind `python -m valign_jax.main`: it
+checks the config and every data path first, writes `config.json` and `model.json`, trains,
+evaluates, and saves orbax checkpoints (the parameters, the optimizer state and the data
+iterator's position) into the workdir. Its progress (steps/s, ETA) and the training loss go to
+TensorBoard. Rerunning this cell resumes from the latest checkpoint; a finished run returns at
+once with its last evaluation."""),
+    ("code", """\
+metrics = valign_jax.train.train_and_evaluate(recipe.config, WORKDIR)
+print(f"finished at step {metrics['step']}:",
+      {k: round(v, 4) for k, v in metrics.items() if k.endswith(("_r1", "top1", "/gap"))})"""),
+    ("md", """\
 ## The curves
 
-`metrics.jsonl` has one line per evaluation; the same values, and the training loss at every
-`log_every` steps, are in TensorBoard.'''),
-    ("code", '''\
-import json
-
-import matplotlib.pyplot as plt
-
-logged = [json.loads(line) for line in open(Path(WORKDIR) / "metrics.jsonl")]
-steps = [m["step"] for m in logged]
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-for key in ("retrieval/i2t_r1", "retrieval/t2i_r1", "zeroshot/synthetic/top1"):
-    if key in logged[-1]:
-        axes[0].plot(steps, [m.get(key) for m in logged], marker="o", label=key)
-axes[0].set(xlabel="step", ylabel="accuracy", title="held-out retrieval and zero-shot")
-axes[0].legend()
-axes[1].plot(steps, [m["geometry/gap"] for m in logged], marker="o")
-axes[1].set(xlabel="step", ylabel="distance", title="modality gap (centroid distance)")
-fig.tight_layout()
-plt.show()'''),
-    ("code", '''\
+`metrics.jsonl` has one line per evaluation (`valign_jax.logged_metrics(WORKDIR)` reads it);
+`valign_jax.plot_metrics` draws retrieval R@1, zero-shot top-1 and the modality gap against
+the step (or the metrics you name). TensorBoard has the same values, and the training loss at
+every `log_every` steps."""),
+    ("code", """\
+valign_jax.plot_metrics(WORKDIR)"""),
+    ("code", """\
 # TensorBoard inline (Colab, Jupyter); elsewhere run the printed command in a shell.
 if TENSORBOARD:
     %load_ext tensorboard
     %tensorboard --logdir {WORKDIR}
 else:
-    print(f"TensorBoard: tensorboard --logdir {WORKDIR}")'''),
-    ("md", '''\
+    print(f"TensorBoard: tensorboard --logdir {WORKDIR}")"""),
+    ("md", """\
 ## Evaluate the checkpoint
 
 `valign_jax.evaluate.evaluate` (also `python -m valign_jax.evaluate --workdir=...`) runs the
 evaluators the training loop runs on the latest checkpoint and writes
 `<workdir>/eval/step_<N>.json` with two plots beside it:
-- `*_pca.png`: image and text embeddings in their first two principal components, with each
-  modality's centroid; the distance between the centroids in the full space is the modality
-  gap, `geometry/gap` (`modality_gap.ipynb` closes it).
+- `*_pca.png`: image and text embeddings along the gap between the two modalities' centroids
+  and the main direction of the rest; their distance in the full space is the modality gap,
+  `geometry/gap` (`modality_gap.ipynb` closes it).
 - `*_ln_shift.png`: how far training moved each layer's LayerNorm scale and bias (LiLT's
-  Fig. 4), against depth.'''),
-    ("code", '''\
+  Fig. 4), against depth."""),
+    ("code", """\
 from IPython.display import Image, display
 
-from valign_jax import evaluate
-
-result = evaluate.evaluate(workdir=WORKDIR)
-for key, value in sorted(result["metrics"].items()):
+report = valign_jax.evaluate.evaluate(workdir=WORKDIR)
+for key, value in sorted(report["metrics"].items()):
     if key.endswith(("_r1", "_r5", "top1", "/gap", "alignment", "uniformity", "pearson_r")):
         print(f"{key:45s} {value:.4f}")
-print("written:", result["file"])
-for name, path in result["plots"].items():
-    display(Image(filename=path))'''),
+print("written:", report["file"])
+for path in report["plots"].values():
+    display(Image(filename=path))"""),
 ]
 
 
@@ -369,7 +254,7 @@ for name, path in result["plots"].items():
 
 
 MODALITY_GAP = [
-    ("md", '''\
+    ("md", """\
 # The modality gap, before and after CLIP-Refine
 
 A trained CLIP puts image embeddings and text embeddings in two separate regions of the unit
@@ -387,95 +272,91 @@ CLIP ends its training, which leaves a gap; then it refines that model. Both sta
 below; with default settings this is exactly
 
     python -m valign_jax.main --config=configs/clip_refine.py:demo \\
-        --workdir=workdirs/notebook_clip_refine'''),
-    ("parameters", SMALL_SWITCH + '''
+        --workdir=workdirs/notebook_clip_refine"""),
+    ("parameters", SMALL_SWITCH + """
 
 CONFIG = "configs/clip_refine.py:demo"
+PRETRAIN_CONFIG = "configs/clip.py:demo,fixed_scale"  # what the refine demo's config.pretrain names
 WORKDIR = "workdirs/notebook_clip_refine"  # the refined run; the pretrained one in WORKDIR/pretrain
 PRETRAIN_STEPS = 300 if SMALL else None   # None: the pretraining recipe's own (500)
 REFINE_STEPS = 100 if SMALL else None     # None: CLIP-Refine's own (400)
 NUM_EVAL = 128 if SMALL else None         # held-out images per evaluation (None: 512)
-''' + REPO_URL),
+""" + REPO_URL),
     ("code", INSTALL),
-    ("code", SETUP_WITH_RECIPES),
-    ("md", '''\
+    ("code", SETUP),
+    ("md", """\
 ## Stage 1: a pretrained CLIP
 
-The refine config names its pretraining stage in `config.pretrain`
-(`configs/clip.py:demo,fixed_scale`). The command line trains it into `<workdir>/pretrain`
-before refining; here it is a step of its own.'''),
-    ("code", OVERRIDE + '''
-
-
-from valign_jax import train
-
-refine_config = load_config(str(REPO / CONFIG))
-pretrain_config = load_config(refine_config.pretrain)
-print(f"pretraining stage: {refine_config.pretrain}")
-for cfg, steps in ((pretrain_config, PRETRAIN_STEPS), (refine_config, REFINE_STEPS)):
-    override(cfg, {"total_steps": steps, "data.num_eval": NUM_EVAL})  # both on one eval split
-
-PRETRAIN_DIR = str(Path(WORKDIR) / "pretrain")
-pretrained = train.train_and_evaluate(pretrain_config, PRETRAIN_DIR)
+The refine demo names its pretraining stage in `config.pretrain`
+(`configs/clip.py:demo,fixed_scale`); the command line trains it into `<workdir>/pretrain`
+before refining. Here it is a step of its own: the recipe, then the training loop. Both stages
+evaluate on the same held-out shapes (`data.num_eval`)."""),
+    ("code", """\
+pretrain = valign_jax.recipe(PRETRAIN_CONFIG, {"total_steps": PRETRAIN_STEPS,
+                                               "data.num_eval": NUM_EVAL})
+print(pretrain)"""),
+    ("code", """\
+PRETRAIN_DIR = f"{WORKDIR}/pretrain"
+pretrained = valign_jax.train.train_and_evaluate(pretrain.config, PRETRAIN_DIR)
 print(f"pretrained CLIP: step {pretrained['step']}, gap {pretrained['geometry/gap']:.3f}, "
-      f"t2i R@1 {pretrained['retrieval/t2i_r1']:.3f}")'''),
-    ("md", '''\
+      f"t2i R@1 {pretrained['retrieval/t2i_r1']:.3f}")"""),
+    ("md", """\
 ## Stage 2: refine it
 
 All parameters train with RaFA + HyCD (`config.objective.kind = "clip_refine"`, loss weights
 CLIP 0, RaFA 1, HyCD 1) at a small constant learning rate, starting from the pretrained run
-(`config.model.init_from`), whose parameters also stay as the frozen HyCD teacher.'''),
-    ("code", '''\
-refine_config.pretrain = ""  # done above
-refine_config.model.init_from = PRETRAIN_DIR
-refined = train.train_and_evaluate(refine_config, WORKDIR)
+(`model.init_from`), whose parameters also stay as the frozen HyCD teacher; `pretrain` is
+emptied, since stage 1 is done."""),
+    ("code", """\
+refine = valign_jax.recipe(CONFIG, {"total_steps": REFINE_STEPS, "data.num_eval": NUM_EVAL,
+                                    "pretrain": "", "model.init_from": PRETRAIN_DIR})
+print(refine)"""),
+    ("code", """\
+refined = valign_jax.train.train_and_evaluate(refine.config, WORKDIR)
 print(f"refined: step {refined['step']}, gap {refined['geometry/gap']:.3f}, "
-      f"t2i R@1 {refined['retrieval/t2i_r1']:.3f}")'''),
-    ("md", '''\
+      f"t2i R@1 {refined['retrieval/t2i_r1']:.3f}")"""),
+    ("md", """\
 ## Before and after
 
 `valign_jax.evaluate.evaluate` runs the same evaluators on each workdir's last checkpoint:
 the pretrained CLIP (before) and the refined one (after), on the same held-out shapes. It also
-writes each run's PCA plot. (The refine run logged the "before" numbers too, at its step 0.)'''),
-    ("code", '''\
-from valign_jax import evaluate
-
-eval_dir = Path(WORKDIR) / "eval"
-before = evaluate.evaluate(workdir=PRETRAIN_DIR, out=eval_dir / "before.json")
-after = evaluate.evaluate(workdir=WORKDIR, out=eval_dir / "after.json")
+writes each run's PCA plot. (The refine run logged the "before" numbers too, at its step 0.)"""),
+    ("code", """\
+before = valign_jax.evaluate.evaluate(workdir=PRETRAIN_DIR, out=f"{WORKDIR}/eval/before.json")
+after = valign_jax.evaluate.evaluate(workdir=WORKDIR, out=f"{WORKDIR}/eval/after.json")
 
 rows = ["geometry/gap", "geometry/alignment", "geometry/uniformity", "retrieval/i2t_r1",
         "retrieval/t2i_r1", "retrieval/t2i_r5", "zeroshot/synthetic/top1"]
 print(f"{'metric':28s} {'before':>8s} {'after':>8s}")
 for key in rows:
-    print(f"{key:28s} {before['metrics'][key]:8.3f} {after['metrics'][key]:8.3f}")'''),
-    ("md", '''\
+    print(f"{key:28s} {before['metrics'][key]:8.3f} {after['metrics'][key]:8.3f}")"""),
+    ("md", """\
 - **gap**: the distance between the image and text centroids; lower is a smaller gap.
 - **alignment**: the mean squared distance between an image and its caption (lower: closer).
 - **uniformity**: log of the mean Gaussian potential over all pairs of embeddings (lower:
   spread more evenly over the sphere).
-- Retrieval and zero-shot accuracy should hold or improve: HyCD keeps the model's knowledge.'''),
-    ("code", '''\
+- Retrieval and zero-shot accuracy should hold or improve: HyCD keeps the model's knowledge."""),
+    ("code", """\
 import matplotlib.pyplot as plt
 
 fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-for ax, (name, result) in zip(axes, (("before: pretrained CLIP", before),
+for ax, (name, report) in zip(axes, (("before: pretrained CLIP", before),
                                      ("after: CLIP-Refine", after))):
-    ax.imshow(plt.imread(result["plots"]["pca"]))  # the plot's own title gives the gap
+    ax.imshow(plt.imread(report["plots"]["pca"]))  # the plot's own title gives the gap
     ax.set_title(name)
     ax.axis("off")
 fig.tight_layout()
-plt.show()'''),
-    ("md", '''\
-The PCA plots show the two directions along which the embeddings vary most, with each
-modality's centroid marked; the gap may lie mostly along other directions of the space, so the
-`gap` number (measured in the full space) is the one to read.
+plt.show()"""),
+    ("md", """\
+The plots' first axis is the direction from the text centroid to the image centroid, so the
+two centroids lie exactly the gap apart along it; the second is the main direction of what is
+left.
 
 To refine a real CLIP, run `configs/clip_refine.py` (OpenAI's ViT-B/32 on COCO captions; needs
 the hub and `tfds build coco_captions`), and compare with the checkpoint as it was:
 
     python -m valign_jax.evaluate --hf=openai/clip-vit-base-patch32 \\
-        --config=configs/clip_refine.py --out=before.json'''),
+        --config=configs/clip_refine.py --out=before.json"""),
 ]
 
 

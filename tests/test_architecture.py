@@ -35,7 +35,7 @@ LAYERS = [
     ("evaluators", ["evaluation", "evaluation.*"]),
     ("run", ["", "schema", "config_checks", "recipes", "workdir", "logs", "run_setup",
              "frozen_towers", "workdir_lock", "preemption", "cli", "train", "evaluate",
-             "main"]),
+             "suite", "main", "api", "figures"]),
 ]
 
 

@@ -105,7 +105,19 @@ def test_wrong_types_and_missing_keys_are_named():
      "config.objective.multi_positive=True applies to the sigmoid objective only; "
      "config.objective.kind is 'softmax'"),
     ("clip", {"objective.norm": "pairs"}, "config.objective.norm='pairs' applies to the sigmoid"),
-    ("clip", {"objective.chunked": True}, "config.objective.chunked=True applies to the sigmoid"),
+    # chunked is an option of both objectives with a ring form: one message naming both
+    ("clip_refine", {"objective.chunked": True},
+     "config.objective.chunked=True applies to the softmax and sigmoid objectives only; "
+     "config.objective.kind is 'clip_refine'"),
+    # gradient caching: an objective that runs the model inside its loss, a batch that does
+    # not split (tiny configs have batch 8)
+    ("fusion", {"micro_batches": 2},
+     "config.micro_batches=2 computes the loss from the towers' outputs cached per "
+     "micro-batch, but config.objective.itm_weight=1.0 (image-text matching of the fusion head "
+     "on in-batch hard negatives) runs the model inside the loss"),
+    ("clip", {"micro_batches": 3},
+     "config.batch_size=8 does not split into config.micro_batches=3 equal micro-batches"),
+    ("clip", {"micro_batches": 0}, "config.micro_batches=0: must be >= 1"),
     ("clip", {"objective.itm_weight": 1.0},
      "config.objective.itm_weight > 0 needs a model with fusion layers (config.model."
      "fusion_layers > 0"),

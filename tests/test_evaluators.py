@@ -87,3 +87,17 @@ def test_rows_of_one_image_file_are_one_image_and_languages_are_scored_apart():
     # tie-break picks the lower index (red for image 0: hit; rot for image 1: miss).
     assert metrics["retrieval/i2t_r1"] == 0.5 and metrics["retrieval/t2i_r1"] == 0.5
     assert metrics["retrieval/i2t_r5"] == 1.0
+
+
+def test_two_evaluations_reporting_one_metric_name_are_refused_by_entry():
+    """Two config.evals entries whose metrics share a name (e.g. two retrieval entries) would
+    overwrite each other in metrics.jsonl: the evaluation names both entries instead."""
+    def reporting(entry, value):
+        def evaluate(params):
+            return {"retrieval/i2t_r1": value, f"own/{entry}": value}
+        evaluate.entry_name = entry
+        return evaluate
+    with pytest.raises(ValueError, match=r"'retrieval/i2t_r1' \(config.evals.coco and "
+                                         r"config.evals.flickr\)"):
+        Evaluators(reporting("coco", 0.5), reporting("flickr", 0.25))(None)
+    assert Evaluators(reporting("coco", 0.5))(None) == {"retrieval/i2t_r1": 0.5, "own/coco": 0.5}

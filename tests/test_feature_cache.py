@@ -217,3 +217,31 @@ def test_heads_on_cached_features_equal_the_full_model(setup, cache):
     np.testing.assert_allclose(out["image"], full["image"], atol=1e-5)
     np.testing.assert_allclose(out["text"], full["text"], atol=1e-5)
     assert out["logit_scale"] == full["logit_scale"]
+
+
+def test_sail_caches_and_trains_from_a_pairs_file_with_a_broken_row(tmp_path):
+    """SAIL's cache over a user's pairs.jsonl (images as files, one of them missing): the
+    records are decoded and eval-transformed as evaluation does, the broken row is skipped
+    (the cache's readers see the 7 usable pairs), and two steps train from the cache."""
+    import json
+    from PIL import Image
+    from valign_jax import frozen_towers, train
+    from valign_jax.data import feature_cache as fc
+    from train_helpers import tiny_config
+    rows = []
+    for i in range(8):
+        name = f"{i}.png"
+        if i != 3:  # row 3 names a file that is not there
+            Image.fromarray(np.full((40, 48, 3), 30 * i, np.uint8)).save(tmp_path / name)
+        rows.append({"image": name, "caption": f"a picture number {i}",
+                     "long_caption": f"a longer description of picture number {i}"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tiny_config("sail", steps=2, batch_size=4)
+    config.data.train = config.data.eval = str(tmp_path / "pairs.jsonl")
+    config.eval.zeroshot = ""
+    config.eval.batch_size = 4
+    final = train.train_and_evaluate(config, tmp_path / "run")
+    assert final["step"] == 2 and np.isfinite(final["train/loss"])
+    cache = fc.CachedFeatures(frozen_towers.cache_dir(config, "train", tmp_path / "run"))
+    assert len(cache) == 7 and 3 not in [cache[i]["index"] for i in range(len(cache))]
+    assert all(cache[i]["num_captions"] >= 1 for i in range(len(cache)))

@@ -175,8 +175,9 @@ def check_rerank_scores(workdir):
     scale = float(np.exp(params["logit_scale"]))
     for rule, weight in (("itm", 0.0), ("itm+contrastive", scale)):
         config.eval.rerank_score = rule
-        evaluator = make_evaluator(config, model, mesh, param_sh, collate,
-                                   image_size).evaluators[0]
+        evaluator = next(e for e in make_evaluator(config, model, mesh, param_sh, collate,
+                                                   image_size).evaluators
+                         if e.entry_name == "retrieval")
         got, img, txt = evaluator.run(placed)
         _, itok = evaluator.encoder.image_tokens(placed, evaluator.data.images,
                                                  evaluator.data.prepare)

@@ -26,8 +26,8 @@ REPORT_MARK = "NOTEBOOK_REPORT "
 def run_notebook(name, workdir, parameters=None, report=()):
     """Executes notebooks/<name>.ipynb in a python3 kernel whose working directory is `workdir`,
     `parameters` set in a cell right after the one tagged "parameters" (papermill's
-    convention). Returns (executed notebook, {variable: value} for the names in `report`,
-    read from the kernel at the end as JSON)."""
+    convention). Returns (executed notebook, {expression: value} for the expressions in
+    `report` ("result.probs"), evaluated in the kernel at the end and read back as JSON)."""
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     first = next(i for i, c in enumerate(notebook.cells)
                  if "parameters" in c.metadata.get("tags", []))
@@ -35,8 +35,8 @@ def run_notebook(name, workdir, parameters=None, report=()):
     notebook.cells.insert(first + 1, nbformat.v4.new_code_cell(injected))
     if report:
         notebook.cells.append(nbformat.v4.new_code_cell(
-            "import json as _json\n"
-            f"print({REPORT_MARK!r} + _json.dumps({{k: np.asarray(globals()[k]).tolist() "
+            "import json as _json\nimport numpy as _np\n"
+            f"print({REPORT_MARK!r} + _json.dumps({{k: _np.asarray(eval(k)).tolist() "
             f"for k in {list(report)!r}}}))"))
     nbclient.NotebookClient(notebook, kernel_name="python3", timeout=600,
                             resources={"metadata": {"path": str(workdir)}}).execute()
@@ -93,6 +93,24 @@ def test_notebooks_are_what_make_notebooks_writes(tmp_path):
         assert 'os.environ.get("VALIGN_NOTEBOOK_SMALL") == "1"' in code[0].source
 
 
+def test_notebooks_use_only_the_public_api():
+    """The notebooks' code imports no valign_jax module but the package, defines no function,
+    and reaches valign_jax only through its public API (the names valign_jax/__init__.py lists
+    and the train / evaluate entry points)."""
+    import re
+
+    import valign_jax
+    public = set(valign_jax._API) | {"__version__", "train.train_and_evaluate",
+                                     "evaluate.evaluate"}
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells
+                         if c.cell_type == "code")
+        assert not re.search(r"^\s*def |\blambda\b", code, re.M), path.name
+        assert not re.search(r"from valign_jax\b|import valign_jax\.", code), path.name
+        used = set(re.findall(r"(?<![\w/])valign_jax\.((?:train|evaluate)\.\w+|\w+)", code))
+        assert used and used <= public, (path.name, used - public)
+
+
 def test_train_notebook_trains_logs_and_plots(trained_notebook):
     """train.ipynb trains configs/clip.py:demo on its small settings in the kernel's working
     directory: metrics.jsonl has the step-0 and final evaluations and retrieval improved
@@ -127,9 +145,11 @@ def test_zero_shot_notebook_on_a_trained_run_matches_its_logged_accuracy(trained
     logged = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
     notebook, out = run_notebook("zero_shot", cwd, {"MODEL": str(workdir),
                                                     "NUM_IMAGES": num_eval},
-                                 report=("probs", "predicted", "labels", "class_names"))
-    probs, predicted, labels = (np.asarray(out[k]) for k in ("probs", "predicted", "labels"))
-    assert probs.shape == (num_eval, 24) and len(out["class_names"]) == 24
+                                 report=("result.probs", "result.predicted", "data.labels",
+                                         "data.class_names"))
+    probs, predicted, labels = (np.asarray(out[k]) for k in ("result.probs", "result.predicted",
+                                                             "data.labels"))
+    assert probs.shape == (num_eval, 24) and len(out["data.class_names"]) == 24
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(predicted, probs.argmax(axis=1))
     accuracy = float(np.mean(predicted == labels))
@@ -168,7 +188,7 @@ def test_zero_shot_notebook_on_an_hf_clip_matches_transformers(tmp_path):
     template = "a photo of a {}."
     _, out = run_notebook("zero_shot", tmp_path, {
         "MODEL": str(checkpoint), "TEMPLATES": [template], "NUM_IMAGES": 12, "SHOW": 4},
-        report=("probs", "labels", "class_names"))
+        report=("result.probs", "data.labels", "data.class_names"))
 
     source = synthetic.SyntheticImageText("eval", num_examples=12, image_size=32, seed=0)
     images = np.stack([source[i]["image"] for i in range(12)]).astype(np.float32) / 255.0
@@ -181,10 +201,10 @@ def test_zero_shot_notebook_on_an_hf_clip_matches_transformers(tmp_path):
                            input_ids=tokens["input_ids"],
                            attention_mask=tokens["attention_mask"]).logits_per_image
     expected = torch.softmax(logits, dim=1).numpy()
-    assert out["class_names"] == list(synthetic.CLASS_NAMES)
-    assert out["labels"] == [source[i]["label"] for i in range(12)]
+    assert out["data.class_names"] == list(synthetic.CLASS_NAMES)
+    assert out["data.labels"] == [source[i]["label"] for i in range(12)]
     # Probabilities range over 0.003-0.1 here; CLIP's vs [-1, 1] pixels moves them by ~2e-3.
-    np.testing.assert_allclose(np.asarray(out["probs"]), expected, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["result.probs"]), expected, rtol=1e-3, atol=1e-5)
 
 
 def test_modality_gap_notebook_closes_the_gap(tmp_path):

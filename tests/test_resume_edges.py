@@ -64,9 +64,12 @@ def test_a_rerun_with_another_state_layout_is_refused_naming_it(tmp_path, change
 
 
 def test_a_longer_schedule_resumes(tmp_path):
-    """What a rerun may change: the schedule (more steps) and the learning rate."""
+    """What a rerun may change: the schedule (more steps), the learning rate, and how a step
+    computes (remat, attention implementation): the parameters' layout is the same."""
     train.train_and_evaluate(run_config(**{**SHORT, "total_steps": 4}), tmp_path)
-    final = train.train_and_evaluate(run_config(**{**SHORT, "optim.lr": 1e-4}), tmp_path)
+    final = train.train_and_evaluate(run_config(**{**SHORT, "optim.lr": 1e-4,
+                                                   "model.remat": "full",
+                                                   "model.attention_impl": "xla"}), tmp_path)
     assert final["step"] == 8
 
 

@@ -178,3 +178,36 @@ def test_cudnn_attention_off_gpu_is_a_clear_error(monkeypatch):
         layers.dot_product_attention(q, k, v, None, "cudnn")
     with pytest.raises(ValueError, match="attention_impl='flash'"):
         TowerConfig(attention_impl="flash")
+
+
+def test_auto_attention_is_xla_off_gpu_bit_for_bit():
+    """attention_impl="auto" (the default) on a CPU is XLA's attention: the same step as
+    "xla", bit for bit."""
+    loss, update, _, _ = run_step(attention_impl="auto")
+    xla_loss, xla_update, _, _ = run_step(attention_impl="xla")
+    assert loss == xla_loss
+    for name in update:
+        np.testing.assert_array_equal(update[name], xla_update[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype,fused", [(jnp.bfloat16, True), (jnp.float16, True),
+                                         (jnp.float32, False)])
+def test_auto_attention_takes_the_fused_kernel_on_a_gpu_in_half_precision(monkeypatch, dtype,
+                                                                          fused):
+    """On a GPU backend "auto" routes bf16/fp16 attention through the cuDNN path (here the
+    same API on XLA, this CPU having no cuDNN) and float32 through XLA's; the outputs match
+    the XLA attention within the dtype's tolerance."""
+    calls = []
+
+    def kernel_on_cpu(q, k, v, mask=None):
+        calls.append(q.dtype)
+        return layers.kernel_ready_attention(q, k, v, mask, "xla")
+    monkeypatch.setitem(layers.ATTENTION, "cudnn", kernel_on_cpu)
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    (q, k, v), masks = attention_inputs(9, dtype)
+    got = layers.dot_product_attention(q, k, v, masks["padding"], "auto")
+    want = layers.xla_attention(q, k, v, masks["padding"])
+    assert bool(calls) == fused
+    tol = 2e-2 if dtype != jnp.float32 else 1e-6
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=tol, rtol=tol)

@@ -24,7 +24,7 @@ def _overrides(tower_cfg, model_cfg, side: str) -> dict:
     """Run options and shape overrides the config sets on one tower."""
     overrides = dict(dtype=model_cfg.dtype, scan_layers=model_cfg.scan_layers,
                      remat=model_cfg.remat, adapter_init=model_cfg.adapter_init,
-                     attention_impl=model_cfg.get("attention_impl", "xla"),
+                     attention_impl=model_cfg.get("attention_impl", "auto"),
                      adapter_dim=tower_cfg.adapter_dim, deep_layers=tower_cfg.deep_layers)
     if tower_cfg.pooling:
         overrides["pooling"] = tower_cfg.pooling
@@ -126,7 +126,19 @@ def from_description(description: dict, source: str = "model.json") -> DualEncod
                        **heads)
 
 
+# Tower options that change how a step computes, not the parameters a checkpoint holds: a run
+# may resume with other values.
+COMPUTE_OPTIONS = ("attention_impl", "remat", "dtype")
+
+
 def description_changes(old: dict, new: dict) -> list[str]:
-    """The top-level keys in which two model descriptions (`describe`) differ."""
-    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    """The top-level keys in which two model descriptions (`describe`) differ in what the
+    parameters depend on (COMPUTE_OPTIONS may differ)."""
+    def parameters_only(description):
+        description = json.loads(json.dumps(description))
+        for key in ("image_config", "text_config"):
+            for option in COMPUTE_OPTIONS:
+                description.get(key, {}).pop(option, None)
+        return description
+    old, new = parameters_only(old), parameters_only(new)
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

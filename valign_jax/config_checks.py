@@ -98,7 +98,7 @@ def structure_problems(config, unknown: list, broken: list) -> None:
                       f"{_shown(evals)}")
     else:
         for name in evals.keys():
-            _eval_entry_problems(name, evals[name], unknown, broken)
+            eval_entry_problems(name, evals[name], unknown, broken)
 
 
 def _walk(node, path: str, keys: dict, sections: dict, unknown: list, broken: list) -> None:
@@ -134,7 +134,9 @@ def _walk(node, path: str, keys: dict, sections: dict, unknown: list, broken: li
                f"default; build on it)" for key in required if key not in node.keys()]
 
 
-def _eval_entry_problems(name, entry, unknown: list, broken: list) -> None:
+def eval_entry_problems(name, entry, unknown: list, broken: list) -> None:
+    """What is wrong with config.evals.<name> (`entry`), before any model is built: appends
+    unknown keys to `unknown` and other problems (each naming its key) to `broken`."""
     from valign_jax.evaluation import registry
     where = f"config.evals.{name}"
     if not _is_section(entry):
@@ -305,15 +307,17 @@ def combination_problems(config, mode: str = "train") -> list[str]:
     if chosen is None:  # reported with the choices already
         return problems
     active = [a for a in objectives.auxiliaries().values() if objective.get(a.weight_key, 0)]
-    owners = [(k.name, k.options) for k in objectives.kinds().values() if k is not chosen]
     used = set(chosen.options) | {o for a in active for o in a.options}
-    for name, options in owners:
-        for option, default in options.items():
-            if option in used or default is None or objective.get(option, default) == default:
-                continue
-            problems.append(f"config.objective.{option}={objective[option]!r} applies to the "
-                            f"{name} objective only; config.objective.kind is "
-                            f"{objective.kind!r}")
+    owners: dict[str, list] = {}  # an option the chosen objective lacks: who has it
+    for kind in objectives.kinds().values():
+        for option, default in kind.options.items():
+            if option not in used and default is not None \
+                    and objective.get(option, default) != default:
+                owners.setdefault(option, []).append(kind.name)
+    for option, names in owners.items():
+        problems.append(f"config.objective.{option}={objective[option]!r} applies to the "
+                        f"{' and '.join(names)} objective{'s' if len(names) > 1 else ''} only; "
+                        f"config.objective.kind is {objective.kind!r}")
     for unit in [chosen, *active]:
         if unit.check is not None:
             problems += unit.check(config)
@@ -337,7 +341,40 @@ def combination_problems(config, mode: str = "train") -> list[str]:
         kind = registry.evaluator_type(entry.type)
         if kind.check is not None:
             problems += kind.check(config, entry, f"config.evals.{name}")
-    return problems + _feature_cache_problems(config, recipe, mode)
+    return (problems + _micro_batch_problems(config, chosen, active)
+            + _feature_cache_problems(config, recipe, mode))
+
+
+def _micro_batch_problems(config, chosen, active) -> list[str]:
+    """Gradient caching computes the objective from the model's outputs cached per
+    micro-batch: an objective that calls the model inside its loss (needs "model") cannot be
+    served. Which of the chosen objective and its auxiliary losses asks for the model is read
+    from their `needs`, not their names."""
+    k, objective = config.micro_batches, config.objective
+    if k <= 1:  # 1: the whole batch at once; below 1: the range check names it
+        return []
+    problems = []
+    try:
+        built = chosen.build(objective, None)
+        culprits = [f"config.objective.kind={objective.kind!r}"] if "model" in built.needs \
+            else []
+        for aux in active:
+            wrapped = aux.wrap(built, objective)
+            if "model" in wrapped.needs - built.needs:
+                culprits.append(f"config.objective.{aux.weight_key}="
+                                f"{objective[aux.weight_key]!r} ({aux.help})")
+            built = wrapped
+    except (ValueError, KeyError, TypeError):  # the objective's own checks report it
+        return []
+    if culprits:
+        problems.append(f"config.micro_batches={k} computes the loss from the towers' outputs "
+                        f"cached per micro-batch, but {' and '.join(culprits)} runs the model "
+                        f"inside the loss; set config.micro_batches=1 or choose another "
+                        f"objective")
+    if config.batch_size % k:
+        problems.append(f"config.batch_size={config.batch_size} does not split into "
+                        f"config.micro_batches={k} equal micro-batches")
+    return problems
 
 
 def _feature_cache_problems(config, recipe, mode: str) -> list[str]:
@@ -372,6 +409,13 @@ def device_problems(config, devices) -> list[str]:
         sharding.check_batch_size(config.batch_size, mesh)
     except ValueError as err:
         return [str(err)]
+    k, parallel = config.micro_batches, sharding.data_parallel_size(mesh)
+    if (config.batch_size // parallel) % k:
+        return [f"config.batch_size={config.batch_size} gives each of the {parallel} "
+                f"data-parallel devices (mesh data={mesh.shape['data']} × fsdp="
+                f"{mesh.shape['fsdp']}) {config.batch_size // parallel} rows, which do not split "
+                f"into config.micro_batches={k} micro-batches; choose a batch size that is a "
+                f"multiple of {parallel * k}"]
     return []
 
 

@@ -5,9 +5,12 @@ SigLIP / SigLIP 2 checkpoint (--hf).
     python -m valign_jax.evaluate --workdir=DIR --zeroshot=tfds:cifar100/test,/data/flowers
     python -m valign_jax.evaluate --hf=openai/clip-vit-base-patch32 \\
         --config=configs/clip_refine.py --out=before.json   # CLIP-Refine's "before"
+    python -m valign_jax.evaluate --workdir=SAIL_RUN --towers   # its towers end to end
+    python -m valign_jax.evaluate --workdir=DIR --suite=suites/classification.json
 
 Writes FILE.json — {"step", "source", "metrics", "ln_shift", "plots"} — and next to it
-FILE_pca.png (image and text features in their first two principal components),
+FILE_pca.png (image and text features along the line between their centroids and the main
+direction of what remains),
 FILE_ln_shift.png (LiLT Fig. 4: how far training moved each layer's LayerNorm) and TensorBoard
 scalars in FILE_tensorboard/. FILE defaults to <workdir>/eval/step_<N>.json.
 
@@ -15,6 +18,11 @@ The metrics are exactly those a training run logs (evaluation/build.py builds bo
 run's own config unless --config (same model, checked) or the flags below change the data; plus
 `ln_shift/<tower>/...` against the run's initial parameters (rebuilt from its config: the seed,
 the tower checkpoints or the run it started from).
+
+--towers: a run that trained from cached features (SAIL) is evaluated with its frozen towers
+rebuilt from its config and its trained heads on top, end to end, rather than from the cache.
+--suite=FILE: the model on each dataset of a suite file (suite.py), one CLIP_benchmark-style
+JSON per dataset and a Markdown table, into --out (a directory).
 """
 
 from __future__ import annotations
@@ -31,9 +39,10 @@ FLAGS = flags.FLAGS
 
 
 def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_path=None,
-             overrides: dict | None = None) -> dict:
+             overrides: dict | None = None, towers: bool = False) -> dict:
     """Evaluate a run's checkpoint (or an HF two-tower checkpoint); returns what it writes to
-    `out`."""
+    `out`. towers: a run that trained from cached features is evaluated end to end, its frozen
+    towers rebuilt from its config and its trained heads on top (`_with_towers`)."""
     from valign_jax import sharding, storage
     from valign_jax.evaluation import ln_shift, plots
     from valign_jax.evaluation.build import make_evaluator
@@ -46,6 +55,9 @@ def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_pa
         workdir = storage.path(workdir)  # a local path or a URL (gs://...)
         model, params, step, config = _from_workdir(workdir, step, config)
         source, cached = str(workdir), bool(config.data.get("feature_cache"))
+        if towers:
+            model, params, config = _with_towers(workdir, params, config)
+            cached = False
     else:
         raise ValueError("pass --workdir=DIR (a training run), or --hf=PATH_OR_ID with "
                          "--config=configs/<recipe>.py")
@@ -56,18 +68,20 @@ def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_pa
         if storage.is_url(workdir):  # the plots and TensorBoard files are written locally
             raise ValueError(f"--workdir={workdir} is a URL: pass --out=FILE.json, a local "
                              f"path for the metrics and plots")
-        out = Path(workdir) / "eval" / f"step_{step}.json"
+        out = Path(workdir) / "eval" / f"step_{step}{'_towers' if towers else ''}.json"
     out = Path(out).absolute()
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     param_sh = sharding.tree_shardings(params, mesh, config.mesh.min_fsdp_size)
     placed = sharding.put(params, param_sh)
     image_size, collate = input_setup(config, model, workdir=None if hf_path else workdir)
-    cache_dir = None
+    cache_dir = tower_features = None
     if cached:
         from valign_jax import frozen_towers
         cache_dir = frozen_towers.cache_dir(config, "eval", workdir)
-    evaluators = make_evaluator(config, model, mesh, param_sh, collate, image_size, cache_dir)
+        tower_features = frozen_towers.TowerFeatures(config, workdir, mesh)
+    evaluators = make_evaluator(config, model, mesh, param_sh, collate, image_size, cache_dir,
+                                tower_features)
 
     metrics, written = evaluators(placed), {}  # every evaluator, whatever its schedule
     features = next((e.last_features for e in evaluators.evaluators
@@ -97,6 +111,37 @@ def evaluate(workdir=None, step: int | None = None, out=None, config=None, hf_pa
     return result
 
 
+def evaluate_suite(suite_file, workdir=None, step: int | None = None, out=None, config=None,
+                   hf_path=None) -> dict:
+    """--suite: a run's checkpoint (or an HF CLIP) on every dataset of a suite file, written
+    as one CLIP_benchmark-style JSON per dataset and a Markdown table into `out` (default
+    <workdir>/eval/suite_<file>_step_<N>/); suite.py has the format. A run that trained from
+    cached features is evaluated end to end (its towers rebuilt, as with --towers).
+    Returns {"dir": the output directory, "results": what each JSON holds}."""
+    from valign_jax import storage, suite
+    entries = suite.read_suite(suite_file)  # a bad suite file fails before any model loads
+    if hf_path:
+        model, params, config = _from_hf(hf_path, config)
+        step, source = 0, str(hf_path)
+    elif workdir:
+        workdir = storage.path(workdir)
+        model, params, step, config = _from_workdir(workdir, step, config)
+        source = str(workdir)
+        if config.data.get("feature_cache"):
+            model, params, config = _with_towers(workdir, params, config)
+    else:
+        raise ValueError("pass --workdir=DIR (a training run), or --hf=PATH_OR_ID with "
+                         "--config=configs/<recipe>.py")
+    if out is None:
+        if not workdir or storage.is_url(workdir):
+            raise ValueError("--suite needs --out=DIR (a local directory for the results) "
+                             "with --hf or a --workdir URL")
+        out = Path(workdir) / "eval" / f"suite_{Path(suite_file).stem}_step_{step}"
+    results = suite.run_suite(entries, model, params, config, out, source, step,
+                              workdir=None if hf_path else workdir)
+    return {"dir": str(Path(out).absolute()), "results": results}
+
+
 def _from_workdir(workdir, step, config):
     """(model, params as host arrays, step, config) of a run's checkpoint; `config` (another
     recipe's) may change the data, never the model."""
@@ -116,6 +161,16 @@ def _from_workdir(workdir, step, config):
                              f"the run's own")
     _check_tree(params, model, f"{workdir / checkpointing.CHECKPOINTS}/{step}")
     return model, params, step, config
+
+
+def _with_towers(workdir, params, config):
+    """--towers: the full model of a run that trained from cached features (its frozen towers
+    and its trained heads), with a config that runs them."""
+    if not config.data.get("feature_cache"):
+        raise ValueError(f"--towers: {workdir} did not train from cached features (its "
+                         f"config.data.feature_cache is empty); its model already has towers")
+    from valign_jax import frozen_towers
+    return frozen_towers.with_towers(config, params)
 
 
 def _model_of(config, workdir):
@@ -212,12 +267,25 @@ def define_flags():
     flags.DEFINE_string("out", None, "The metrics JSON (default: <workdir>/eval/step_<N>.json).")
     flags.DEFINE_string("hf", None, "Evaluate this HF two-tower checkpoint (CLIP, SigLIP, SigLIP "
                         "2; directory or hub id) as is.")
+    flags.DEFINE_bool("towers", False, "A run that trained from cached features (SAIL): run its "
+                      "frozen towers end to end (rebuilt from its config) under its trained "
+                      "heads, instead of reading the cache.")
+    flags.DEFINE_string("suite", None, "A suite file (JSON, e.g. suites/classification.json): "
+                        "evaluate on each of its datasets, one CLIP_benchmark-style JSON each "
+                        "and a Markdown table, into --out (a directory).")
     flags.DEFINE_string("eval_data", None, "Replaces config.data.eval (retrieval pairs).")
     flags.DEFINE_string("zeroshot", None, "Replaces config.eval.zeroshot (comma-separated).")
     flags.DEFINE_string("templates", None, "Replaces config.eval.templates "
                         "(auto|single|clip80|clip7).")
     flags.DEFINE_string("class_names", None, "Replaces config.eval.class_names (class-name "
                         "files, comma-separated).")
+
+
+def _print_suite(suite: dict) -> None:
+    for r in suite["results"]:
+        shown = {k: round(v, 4) for k, v in list(r["metrics"].items())[:4]}
+        print(f"{r['dataset']} ({r['task']}): {shown}")
+    print(f"  results: {suite['dir']}/<dataset>.json and {suite['dir']}/results.md")
 
 
 def main(argv):
@@ -229,8 +297,11 @@ def main(argv):
     sharding.initialize_distributed()
     overrides = {k: getattr(FLAGS, k) for k in ("eval_data", "zeroshot", "templates",
                                                  "class_names")}
+    if FLAGS.suite:
+        return _print_suite(cli.run_guarded(evaluate_suite, FLAGS.suite, FLAGS.workdir,
+                                            FLAGS.step, FLAGS.out, FLAGS.config, FLAGS.hf))
     result = cli.run_guarded(evaluate, FLAGS.workdir, FLAGS.step, FLAGS.out, FLAGS.config,
-                             FLAGS.hf, overrides)
+                             FLAGS.hf, overrides, FLAGS.towers)
     shown = {k: round(v, 4) for k, v in result["metrics"].items()
              if k.startswith(("retrieval/", "zeroshot/", "geometry/gap", "ln_shift/"))
              and k.endswith(("r1", "top1", "gap", "pearson_r"))}

@@ -12,6 +12,10 @@ inside the run's workdir). A training run whose cache is missing or unfinished b
 so one command does both; `--mode=cache_features` builds it alone. Its manifest
 records what produced it — checkpoints, presets, pooling, dtype, image size, caption length,
 data source — and a training run whose config disagrees is refused with the difference named.
+
+Everything else such a run evaluates on (zero-shot images and class prompts, few-shot and
+compositional sets) goes through the frozen towers once too: `TowerFeatures` computes those
+features when the evaluators are built and caches them in `sets/` beside `train/` and `eval/`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pathlib import Path
 from absl import logging
 
 from valign_jax import build, sharding
-from valign_jax.data import feature_cache, pipeline
+from valign_jax.batched import FeatureEncoder, eval_batch_size, text_inputs
+from valign_jax.data import feature_cache, feature_sets, pipeline
 from valign_jax.models.layout import abstract_params
 from valign_jax.run_setup import build_model, image_size, initial_params, input_setup
 
@@ -75,8 +80,9 @@ def cache_all(config, workdir=None) -> list[Path]:
     for split, source in sources.items():
         spec = pipeline.split_spec(config.data, split)[0]
         logging.info("caching %s features of %s (%d examples)", split, spec, len(source))
-        written.append(feature_cache.cache_features(
-            model, params, source, collate, cache_dir(config, split, workdir),
+        written.append(feature_cache.cache_features(  # decoded, eval-transformed records
+            model, params, pipeline.DecodedView(source), collate,
+            cache_dir(config, split, workdir),
             manifest(config, split),
             mesh=mesh, batch_size=config.eval.batch_size))
     return written
@@ -94,3 +100,88 @@ def cached_model(config, workdir=None):
         cache_all(config, workdir)
     image_cfg, text_cfg = feature_cache.feature_configs(cache_dir(config, "train", workdir))
     return build.build_dual_encoder(config.model, towers=(image_cfg, text_cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation data beyond the eval split: zero-shot, few-shot, compositional sets
+
+
+class TowerFeatures:
+    """The frozen towers' pooled outputs of evaluation images and texts, for the evaluators of
+    a towerless model (evaluation/inputs.py). Computed once per set and cached under
+    `<feature_cache>/sets/` (data/feature_sets.py) with the training cache's manifest keys; the
+    towers are built only when a set is not on disk yet, and `release` drops their weights."""
+
+    def __init__(self, config, workdir=None, mesh=None):
+        self.config, self.mesh, self.workdir = config, mesh, workdir
+        self.directory = cache_dir(config, "sets", workdir)
+        tower_keys = manifest(config, "eval")
+        for key in ("source", "seed", "num_examples"):  # what the eval split is, not the towers
+            tower_keys.pop(key, None)
+        self.tower_keys = tower_keys
+        self.model = build_model(config)
+        self.image_size = image_size(config, self.model)
+        self._towers = None
+
+    def _load(self):
+        """(encoder, params, collate) of the full model: towers from their checkpoints or from
+        the seed, as the training cache was made."""
+        if self._towers is None:
+            mesh = self.mesh or sharding.make_mesh(self.config.mesh.data, self.config.mesh.fsdp)
+            param_sh = sharding.tree_shardings(abstract_params(self.model), mesh,
+                                               self.config.mesh.min_fsdp_size)
+            params = initial_params(self.config, self.model, param_sh)
+            _, collate = input_setup(self.config, self.model, workdir=self.workdir)
+            encoder = FeatureEncoder(self.model, mesh, param_sh,
+                                     eval_batch_size(self.config.eval.batch_size, mesh))
+            self._towers = (encoder, params, collate)
+        return self._towers
+
+    def images(self, pixels):
+        """Image tower features of uint8 (N, H, W, 3) pixels."""
+        digest = feature_sets.pixels_digest(pixels)
+
+        def compute():
+            encoder, params, collate = self._load()
+            return encoder.run(feature_cache.image_features, params, {"pixel_values": pixels},
+                               lambda x: pipeline.normalize(x, collate.mean, collate.std),
+                               "tower features of evaluation images")
+        return feature_sets.cached_features(
+            self.directory / f"images-{digest[:16]}",
+            {**self.tower_keys, "kind": "images", "sha256": digest, "count": len(pixels)},
+            compute)
+
+    def texts(self, texts):
+        """Text tower features of caption strings."""
+        digest = feature_sets.texts_digest(texts)
+
+        def compute():
+            encoder, params, collate = self._load()
+            return encoder.run(feature_cache.text_features, params,
+                               text_inputs(collate.tokenizer(list(texts))), None,
+                               "tower features of evaluation texts")
+        return feature_sets.cached_features(
+            self.directory / f"texts-{digest[:16]}",
+            {**self.tower_keys, "kind": "texts", "sha256": digest, "count": len(texts)},
+            compute)
+
+    def release(self) -> None:
+        self._towers = None
+
+
+def with_towers(config, head_params, mesh=None):
+    """(full model, its parameters, config) of a run that trained from cached features: the
+    towers as the cache was made (their checkpoints, or the seed) and the run's trained heads.
+    The config no longer names the feature cache, so evaluators run the towers end to end —
+    what `python -m valign_jax.evaluate --towers` checks the cached numbers against."""
+    import jax
+    from valign_jax.models.layout import overlay
+    model = build_model(config)
+    mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    param_sh = sharding.tree_shardings(abstract_params(model), mesh, config.mesh.min_fsdp_size)
+    towers = jax.device_get(initial_params(config, model, param_sh))
+    params = overlay(towers, head_params, "the run's checkpoint")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.feature_cache = ""
+    return model, params, config

@@ -79,6 +79,9 @@ SCHEMA: dict[str, Key] = {
                     "starts from its result"),
     "batch_size": Key(512, "global batch: the losses see negatives from every device",
                       **AT_LEAST_1),
+    "micro_batches": Key(1, "gradient caching: run the towers over the batch in this many "
+                         "chunks, one chunk's activations at a time; the loss, gradients and "
+                         "update stay the whole batch's", **AT_LEAST_1),
     "num_epochs": Key(1.0, "epochs over config.data.train (unless total_steps > 0)"),
     "total_steps": Key(0, "training steps; > 0 overrides num_epochs", **AT_LEAST_0),
     "log_every": Key(50, "steps between training-metric logs", **AT_LEAST_1),
@@ -102,8 +105,8 @@ SCHEMA: dict[str, Key] = {
                           choices=_names("objectives.sigmoid", "NORMS")),
     "objective.multi_positive": Key(False, "sigmoid: each image's long caption is a second "
                                     "positive (SAIL)"),
-    "objective.chunked": Key(False, "sigmoid: computed around a ring of devices, never "
-                             "holding all B×B logits"),
+    "objective.chunked": Key(False, "softmax and sigmoid: the loss and its metrics computed "
+                             "around a ring of devices, none holding all B×B logits"),
     "objective.itm_weight": Key(0.0, "fusion models: + this weight × image-text matching on "
                                 "hard negatives", **AT_LEAST_0),
     "objective.itm_negatives": Key(1, "hard negatives drawn per image and per caption for "
@@ -135,6 +138,9 @@ SCHEMA: dict[str, Key] = {
     "data.image_mean": Key((0.5, 0.5, 0.5), "per-channel mean (pixels in [0, 1]); a "
                            "checkpoint's preprocessor_config.json wins"),
     "data.image_std": Key((0.5, 0.5, 0.5), "per-channel std, > 0"),
+    "data.normalize_on_device": Key(True, "training batches go to the devices as uint8 pixels "
+                                    "and are normalised there (a quarter of the bytes, no "
+                                    "float work on the host; the same values bit for bit)"),
     "data.lower_case": Key(False, "lower-case captions before tokenizing"),
     "data.tokenizer": Key("auto", "text towers without a checkpoint: 'learned' (a vocabulary "
                           "learned from the training captions, kept in the workdir), 'words' "
@@ -173,8 +179,9 @@ SCHEMA: dict[str, Key] = {
     "model.scan_layers": Key(False, "nn.scan over each tower's layers (faster compiles)"),
     "model.remat": Key("none", "recompute layer activations in the backward pass",
                        choices=_names("models.layers", "REMAT_POLICIES")),
-    "model.attention_impl": Key("xla", "'cudnn': the fused attention kernel on NVIDIA GPUs",
-                                choices=("xla", "cudnn")),
+    "model.attention_impl": Key("auto", "'auto': the fused cuDNN kernel on NVIDIA GPUs in "
+                                "bf16/fp16, XLA's elsewhere; or 'xla' / 'cudnn'",
+                                choices=("auto", "xla", "cudnn")),
     "model.init_from": Key("", "a full CLIP checkpoint or a previous run's workdir to start "
                            "from"),
     "model.logit_scale_init": Key(None, "initial log logit scale (None: the preset's)",

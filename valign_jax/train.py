@@ -33,7 +33,7 @@ from absl import logging
 
 from valign_jax import checkpointing, frozen_towers, objectives, optim, peft, sharding
 from valign_jax.config_checks import check_config
-from valign_jax.data import feature_cache, pipeline
+from valign_jax.data import feature_cache, pipeline, pixels
 from valign_jax.evaluation.build import make_evaluator
 from valign_jax.models.layout import abstract_params
 from valign_jax.recipes import load_config
@@ -82,7 +82,8 @@ def make_trainer(config, model, mesh, total_steps: int, objective=None) -> Train
     init_state = jax.jit(lambda p: create_state(p, optimizer, rng), in_shardings=(param_sh,),
                          out_shardings=state_sh)
     step_fn = make_train_step(model, optimizer, labels, objective, config.model.logit_preset,
-                              skip_nonfinite=config.on_nonfinite == "skip")
+                              skip_nonfinite=config.on_nonfinite == "skip",
+                              micro_batches=config.micro_batches, mesh=mesh)
     batch_sh, out_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     # A teacher (the frozen initial model) is a third argument, never a constant baked into
     # the compiled step.
@@ -122,6 +123,7 @@ class _Run:
     image_size: int
     evaluator: object
     mesh: object
+    to_device: Callable       # the host's batch -> the global batch on the mesh
 
 
 def _start(config, workdir) -> _Run:
@@ -147,7 +149,8 @@ def _start(config, workdir) -> _Run:
         size, collate = input_setup(config, model, second_caption, workdir, train_source,
                                     labels="labels" in objective.needs)
         report_unknown_tokens(collate, train_source)
-        train_data = pipeline.train_dataset(train_source, collate, config.batch_size,
+        train_data = pipeline.train_dataset(train_source, _training_collate(config, collate),
+                                            config.batch_size,
                                             config.seed, config.data.threads,
                                             num_workers=config.data.workers)
     total_steps = config.total_steps or math.ceil(
@@ -156,9 +159,21 @@ def _start(config, workdir) -> _Run:
     trainable = list(peft.split(trainer.abstract_params, trainer.labels)[0])
     evaluator = make_evaluator(config, model, mesh, trainer.param_sh, collate, size,
                                frozen_towers.cache_dir(config, "eval", workdir) if cached
+                               else None,
+                               frozen_towers.TowerFeatures(config, workdir, mesh) if cached
                                else None)
+    normalizer = pixels.DeviceNormalizer(collate.mean, collate.std)
     return _Run(model, trainer, trainable, iter(train_data), train_source, total_steps,
-                collate, size, evaluator, mesh)
+                collate, size, evaluator, mesh,
+                lambda local: normalizer(sharding.global_batch(local, mesh)))
+
+
+def _training_collate(config, collate):
+    """The training stream's Collate: uint8 pixels, normalised on the devices by the loop
+    (config.data.normalize_on_device), else float32 ones as the evaluators get."""
+    if not config.data.normalize_on_device:
+        return collate
+    return dataclasses.replace(collate, normalize_on_host=False)
 
 
 def _run(config, workdir, run: _Run) -> dict:
@@ -194,7 +209,7 @@ def _run(config, workdir, run: _Run) -> dict:
     finished = False
     try:
         with Preemption() as preemption:
-            _train_loop(config, trainer, state, teacher, run.train_iter, run.mesh, start,
+            _train_loop(config, trainer, state, teacher, run.train_iter, run.to_device, start,
                         total_steps, checkpoints, evaluator, log, preemption)
         checkpoints.wait()  # the run reports success only once its last checkpoint is on disk
         finished = True
@@ -209,7 +224,7 @@ def _run(config, workdir, run: _Run) -> dict:
     return log.last
 
 
-def _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_steps,
+def _train_loop(config, trainer, state, teacher, train_iter, to_device, start, total_steps,
                 checkpoints, evaluator, log, preemption):
     stop_on_nonfinite = config.on_nonfinite == "stop"  # "skip": the step itself drops them
     pending, previous = [], None
@@ -217,7 +232,7 @@ def _train_loop(config, trainer, state, teacher, train_iter, mesh, start, total_
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             local = next(train_iter)
             log.skipped += int(local.pop("skipped", np.zeros(1)).sum())
-            batch = sharding.global_batch(local, mesh)
+            batch = to_device(local)
             args = (state, batch) if teacher is None else (state, batch, teacher)
             state, metrics = trainer.train_step(*args)
         pending.append(metrics)

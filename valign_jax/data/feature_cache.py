@@ -48,6 +48,7 @@ from absl import logging
 
 from valign_jax import sharding
 from valign_jax.batched import FeatureEncoder, eval_batch_size, text_inputs
+from valign_jax.data.transforms import BrokenRecord
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -98,19 +99,32 @@ def _captions(record, max_captions: int) -> list[str]:
     return [str(c) for c in captions[:max_captions]]
 
 
-def _load_batch(source, indices, collate, max_captions: int, has_long: bool, pool) -> dict:
-    """Records `indices` of `source` -> pixel values and tokenized captions (host NumPy)."""
-    records = list(pool.map(source.__getitem__, indices))
-    captions = [_captions(r, max_captions) for r in records]
+def _read(source, index):
+    """Record `index`, or None when it is broken (BrokenRecord): the cache keeps its row with no
+    caption, and readers never see it."""
+    try:
+        return source[index]
+    except BrokenRecord:
+        return None
+
+
+def _load_batch(source, indices, collate, max_captions: int, has_long: bool, pool,
+                blank: dict) -> dict:
+    """Records `indices` of `source` -> pixel values and tokenized captions (host NumPy); a
+    broken record becomes `blank`'s image with no caption."""
+    read = list(pool.map(lambda i: _read(source, i), indices))
+    records = [r if r is not None else blank for r in read]
+    captions = [_captions(r, max_captions) if o is not None else [] for r, o in zip(records, read)]
     batch = {"pixel_values": collate(records)["pixel_values"],
              "num_captions": np.asarray([len(c) for c in captions], np.int32),
-             "captions": collate.tokenizer([c for cs in captions for c in cs])}
+             "captions": collate.tokenizer([c for cs in captions for c in cs] or [""]),
+             "broken": sum(r is None for r in read)}
     if has_long:
-        missing = [i for i, r in zip(indices, records) if "long_caption" not in r]
+        missing = [i for i, r in zip(indices, read) if r is not None and "long_caption" not in r]
         if missing:
             raise ValueError(f"records {missing[:5]} of the source have no long_caption but "
                              f"record 0 has one: a feature cache needs it on all records or none")
-        batch["long"] = collate.tokenizer([str(r["long_caption"]) for r in records])
+        batch["long"] = collate.tokenizer([str(r.get("long_caption", "")) for r in records])
     return batch
 
 
@@ -118,7 +132,7 @@ def _encode_batch(encoder: FeatureEncoder, params, batch: dict, max_captions: in
     """One batch of host inputs -> its rows of the shard arrays (float32 features)."""
     image = encoder.run(image_features, params, {"pixel_values": batch["pixel_values"]})
     num = batch["num_captions"]
-    flat = encoder.run(text_features, params, text_inputs(batch["captions"]))
+    flat = encoder.run(text_features, params, text_inputs(batch["captions"]))[:int(num.sum())]
     text = np.zeros((len(num), max_captions, flat.shape[-1]), np.float32)
     rows = np.repeat(np.arange(len(num)), num)
     slots = np.concatenate([np.arange(n) for n in num])
@@ -196,8 +210,13 @@ def cache_features(model, params, source, collate, out_dir, manifest: dict, *, m
     encoder = FeatureEncoder(model, mesh, param_sh, batch_size)
     writer = jax.process_index() == 0
 
-    # The cache's own fields; the feature widths come from tracing the towers on record 0.
-    first = source[0]
+    # The cache's own fields; the feature widths come from tracing the towers on the first
+    # record that can be read (a broken one is cached as a row without captions).
+    first = next((r for r in (_read(source, i) for i in range(min(n, 1000))) if r is not None),
+                 None)
+    if first is None:
+        raise ValueError(f"cache_features: none of the first {min(n, 1000)} records of "
+                         f"{getattr(source, 'name', source)} can be read")
     pv = collate([first])["pixel_values"]
     tokens = collate.tokenizer([str(first["caption"])])
     dim = lambda fn, *args: jax.eval_shape(
@@ -241,11 +260,12 @@ def cache_features(model, params, source, collate, out_dir, manifest: dict, *, m
                disable=not (progress and writer and sys.stderr.isatty()))
     batches = [(k, r[i:i + batch_size]) for k in todo for r in [rows(k)]
                for i in range(0, len(r), batch_size)]
-    parts = []
+    parts, broken = [], 0
     with concurrent.futures.ThreadPoolExecutor(num_workers) as pool, bar, ExitStack() as stack:
         load = lambda item: (item[0], item[1], _load_batch(source, item[1], collate,
-                                                           max_captions, has_long, pool))
+                                                           max_captions, has_long, pool, first))
         for k, indices, batch in stack.enter_context(closing(_prefetched(load, batches))):
+            broken += batch.pop("broken")
             parts.append(_encode_batch(encoder, params, batch, max_captions))
             bar.update(len(indices))
             if indices.stop == rows(k).stop:   # the shard's last batch
@@ -254,7 +274,10 @@ def cache_features(model, params, source, collate, out_dir, manifest: dict, *, m
                 parts = []
                 if writer:
                     _write_shard(shard_path(out_dir, k), arrays)
-    logging.info("feature cache %s: %d examples in %d shards", out_dir, n, num_shards)
+    if broken:
+        logging.warning("feature cache %s: %d broken records skipped (kept as rows without a "
+                        "caption, which readers never see)", out_dir, broken)
+    logging.info("feature cache %s: %d examples in %d shards", out_dir, n - broken, num_shards)
     return out_dir
 
 
@@ -322,7 +345,7 @@ class CachedFeatures:
 
     `self[i]` = {"image_features": (Di,), "text_features": (C, Dt), "num_captions": int,
     "long_text_features": (Dt,) if cached, "index": source index}, copied out of the
-    memory-mapped shards; at most `max_open_shards` shards are mapped at a time (each mapping
+    memory-mapped shards, over the rows of usable records (`rows`: their positions); at most `max_open_shards` shards are mapped at a time (each mapping
     holds a file descriptor), least recently used closed first.
     """
 
@@ -331,6 +354,11 @@ class CachedFeatures:
         self.manifest = check_manifest(self.cache_dir, {})
         self.max_open_shards = max_open_shards
         self.__setstate__(self.__dict__)
+        # The rows of records that were broken when the cache was written have no caption:
+        # they are left out, so every row a reader sees is a usable pair.
+        counts = np.concatenate([self._shard(k)["num_captions"]
+                                 for k in range(self.manifest["num_shards"])])
+        self.rows = np.flatnonzero(counts > 0)
 
     def __getstate__(self):  # pickles (grain worker processes) without open mappings
         return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_lock")}
@@ -340,7 +368,7 @@ class CachedFeatures:
         self._open, self._lock = collections.OrderedDict(), threading.Lock()
 
     def __len__(self) -> int:
-        return self.manifest["count"]
+        return len(self.rows)
 
     def _shard(self, k: int) -> dict:
         with self._lock:
@@ -361,7 +389,7 @@ class CachedFeatures:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"index {index} out of range for the {n} cached examples")
-        k, row = divmod(i, self.manifest["shard_size"])
+        k, row = divmod(int(self.rows[i]), self.manifest["shard_size"])
         s = self._shard(k)
         record = {"image_features": np.array(s["image"][row]),
                   "text_features": np.array(s["text"][row]),

@@ -38,14 +38,13 @@ worker's position; restore with the same num_workers (the stream depends on it).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import Sequence
 
 import grain
 import numpy as np
 
-from valign_jax.data import sources, synthetic, transforms
+from valign_jax.data import pixels, sources, synthetic, transforms
 from valign_jax.data.transforms import BrokenRecord, normalization  # noqa: F401  (re-exported)
 
 BROKEN = "_broken"   # the key of a broken record's marker: {BROKEN: reason}
@@ -96,20 +95,14 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
     if images.dtype != np.uint8:
         x = images.astype(np.float32) / 255.0
         return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    table = _normalize_table(tuple(map(float, mean)), tuple(map(float, std)))
+    table = pixels.normalize_table(mean, std)
+    if table.shape[0] != images.shape[-1]:
+        raise ValueError(f"mean {tuple(mean)} / std {tuple(std)}: need one value per channel "
+                         f"of images {images.shape}")
     out = np.empty(images.shape, np.float32)
     for c in range(images.shape[-1]):
         np.take(table[c], images[..., c], out=out[..., c])
     return out
-
-
-@functools.lru_cache(maxsize=8)
-def _normalize_table(mean: tuple, std: tuple) -> np.ndarray:
-    """(3, 256) float32: row c holds (v/255 - mean[c]) / std[c] for v = 0..255, computed as
-    the float path computes it."""
-    values = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
-    return np.ascontiguousarray((values - np.asarray(mean, np.float32)[:, None])
-                                / np.asarray(std, np.float32)[:, None])
 
 
 @dataclasses.dataclass

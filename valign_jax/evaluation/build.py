@@ -8,7 +8,11 @@
                 config.eval.zeroshot, comma-separated: tfds classification data, class
                 folders, synthetic:shapes), prompts by config.eval.templates ("auto" | "single"
                 | "clip80" | "clip7" | a list), class names from config.eval.class_names (text
-                files, one per dataset, matched by position; "" keeps a dataset's own names)
+                files, one per dataset, matched by position; "" keeps a dataset's own names);
+                a run that trains from cached features classifies the frozen towers'
+                features of the images and prompts (computed once, cached beside its own)
+    compositional, fewshot
+                compositional_evaluator.py, fewshot_evaluator.py
 
 `make_evaluator` builds the whole scheduled set for a run (training and `evaluate` alike).
 """
@@ -18,10 +22,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from absl import logging
-
 from valign_jax.batched import FeatureEncoder, eval_batch_size
 from valign_jax.evaluation.evaluator import RetrievalEvaluator, RetrievalSet, ZeroShotEvaluator
+from valign_jax.evaluation.inputs import ModelInputs
 from valign_jax.evaluation.registry import (EvalContext, EvaluatorType, Evaluators,
                                             build_evaluators, register_evaluator)
 from valign_jax.evaluation.templates import templates_for
@@ -30,12 +33,21 @@ _WORDNET_ID = re.compile(r"^n\d{8}$")
 
 
 def make_evaluator(config, model, mesh, param_sh, collate, image_size: int,
-                   eval_cache_dir=None) -> Evaluators:
-    """The evaluators of config.evals, each with its schedule; `eval_cache_dir`: the cached
-    features of the eval split, for runs that train from a feature cache."""
+                   eval_cache_dir=None, tower_features=None) -> Evaluators:
+    """The evaluators of config.evals, each with its schedule. For runs that train from a
+    feature cache: `eval_cache_dir`, the cached features of the eval split, and
+    `tower_features` (frozen_towers.TowerFeatures), which runs the frozen towers over any other
+    evaluation data once and caches what they compute."""
     encoder = FeatureEncoder(model, mesh, param_sh, eval_batch_size(config.eval.batch_size, mesh))
-    return build_evaluators(EvalContext(config, model, mesh, param_sh, collate, image_size,
-                                        encoder, eval_cache_dir))
+    if tower_features is not None:
+        image_size = tower_features.image_size
+    inputs = ModelInputs(collate, tower_features)
+    try:
+        return build_evaluators(EvalContext(config, model, mesh, param_sh, collate, image_size,
+                                            encoder, eval_cache_dir, inputs))
+    finally:
+        if tower_features is not None:
+            tower_features.release()  # the towers' weights are not needed after this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +65,7 @@ def _retrieval(ctx: EvalContext, entry):
             caption_sets = [source[i]["captions"] for i in range(len(source))]
         cache = feature_cache.CachedFeatures(ctx.eval_cache_dir)
         return RetrievalEvaluator(ctx.encoder, data=RetrievalSet.from_cache(cache, caption_sets))
-    key = f"config.evals.{_name(ctx, entry)}.data" if entry.data else "config.data.eval"
+    key = f"config.evals.{entry_name(ctx, entry)}.data" if entry.data else "config.data.eval"
     records = pipeline.eval_records(open_eval_source(spec, config, ctx.image_size, key)).records
     if getattr(ctx.model, "fusion_layers", 0):  # a fusion model also re-ranks the top k
         from valign_jax.evaluation.rerank import RerankingEvaluator
@@ -62,7 +74,8 @@ def _retrieval(ctx: EvalContext, entry):
     return RetrievalEvaluator(ctx.encoder, records, ctx.collate)
 
 
-def _name(ctx, entry) -> str:
+def entry_name(ctx, entry) -> str:
+    """The name of `entry` in config.evals, for messages that name its keys."""
     return next((n for n, e in ctx.config.evals.items() if e is entry), entry.type)
 
 
@@ -87,10 +100,6 @@ def _zeroshot(ctx: EvalContext, entry):
     specs = split_list(entry.data or config.eval.zeroshot)
     if not specs:
         return None
-    if ctx.eval_cache_dir is not None:
-        logging.warning("zero-shot (config.evals.%s) is not evaluated when training from cached "
-                        "features: class prompts need the text tower", _name(ctx, entry))
-        return None
     name_files = split_list(config.eval.class_names)
     if name_files and len(name_files) != len(specs):
         raise ValueError(f"config.eval.class_names lists {len(name_files)} files for "
@@ -106,7 +115,7 @@ def _zeroshot(ctx: EvalContext, entry):
         records = pipeline.eval_records(source, limit=config.eval.zeroshot_limit or None)
         templates = templates_for(config.eval.templates, spec)
         evaluators.append(ZeroShotEvaluator(ctx.encoder, records.records, ctx.collate, names,
-                                            templates, dataset_name(spec)))
+                                            templates, dataset_name(spec), ctx.inputs))
     return evaluators[0] if len(evaluators) == 1 else Evaluators(*evaluators)
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from valign_jax.evaluation import geometry, retrieval, zeroshot
+from valign_jax.evaluation.inputs import ModelInputs
 
 
 def _pixels(records) -> np.ndarray:
@@ -155,15 +156,20 @@ class RetrievalEvaluator:
 
 
 class ZeroShotEvaluator:
-    """Zero-shot classification: each class's text embedding averages its prompt templates."""
+    """Zero-shot classification: each class's text embedding averages its prompt templates.
+    `inputs` (inputs.ModelInputs; default: pixels and tokens by `collate`) says what the
+    model reads: for a towerless model, the frozen towers' features of the images and prompts,
+    computed here once."""
 
     def __init__(self, encoder, records: Sequence[dict], collate,
-                 class_names: Sequence[str], templates: Sequence[str], name: str):
+                 class_names: Sequence[str], templates: Sequence[str], name: str,
+                 inputs=None):
+        inputs = inputs or ModelInputs(collate)
         self.encoder, self.name = encoder, name
-        self.images, self.prepare = _pixels(records), _normalizer(collate)
+        self.images, self.prepare = inputs.images(_pixels(records))
         self.labels = np.asarray([r["label"] for r in records])
         self.num_classes, self.num_templates = len(class_names), len(templates)
-        self.prompts = collate.tokenizer([t.format(c) for c in class_names for t in templates])
+        self.prompts = inputs.texts([t.format(c) for c in class_names for t in templates])
 
     def __call__(self, params) -> dict[str, float]:
         img = self.encoder.images(params, self.images, self.prepare)

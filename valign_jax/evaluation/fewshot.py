@@ -143,24 +143,46 @@ def choose_reg(x, codes, shot_rank, num_classes: int, regs: Sequence[float] = RE
     return float(max(np.asarray(regs, np.float64)[best]))
 
 
-def fewshot_probe(train_features, train_labels, test_features, test_labels, k: int,
-                  seed: int = 0, centre: bool = False, regs: Sequence[float] = REGS,
-                  max_folds: int = MAX_FOLDS) -> tuple[float, float]:
-    """(test accuracy, chosen λ) of a k-shot ridge probe; train_* are the labelled pool the
-    shots come from (every class in it needs k examples), test labels must be pool classes."""
-    train_labels = _check_labels(train_labels, len(np.asarray(train_features)), "train_labels")
-    test_labels = _check_labels(test_labels, len(np.asarray(test_features)), "test_labels")
-    classes = np.unique(train_labels)
+def _check_classes(classes, test_labels, n_test: int) -> np.ndarray:
+    """The test labels, checked: 2+ pool classes, every test label one of them."""
+    test_labels = _check_labels(test_labels, n_test, "test_labels")
     if len(classes) < 2:
         raise ValueError(f"the few-shot pool holds {len(classes)} class(es); a probe needs 2+")
     unknown = ~np.isin(test_labels, classes)
     if unknown.any():
         raise ValueError(f"test label {int(test_labels[np.argmax(unknown)])} is no class of the "
                          f"few-shot pool ({int(unknown.sum())} test rows)")
+    return test_labels
+
+
+def fewshot_probe(train_features, train_labels, test_features, test_labels, k: int,
+                  seed: int = 0, centre: bool = False, regs: Sequence[float] = REGS,
+                  max_folds: int = MAX_FOLDS) -> tuple[float, float]:
+    """(test accuracy, chosen λ) of a k-shot ridge probe; train_* are the labelled pool the
+    shots come from (every class in it needs k examples), test labels must be pool classes."""
+    train_labels = _check_labels(train_labels, len(np.asarray(train_features)), "train_labels")
+    _check_classes(np.unique(train_labels), test_labels, len(np.asarray(test_features)))
     chosen = select_shots(train_labels, k, seed)
-    x, t = prepare(np.asarray(train_features)[chosen], test_features, centre)
-    codes = np.searchsorted(classes, train_labels[chosen])
-    shot_rank = np.tile(np.arange(int(k)), len(classes))   # select_shots is class-major
+    return probe_shots(np.asarray(train_features)[chosen], train_labels[chosen], test_features,
+                       test_labels, k, centre, regs, max_folds)
+
+
+def probe_shots(shot_features, shot_labels, test_features, test_labels, k: int,
+                centre: bool = False, regs: Sequence[float] = REGS,
+                max_folds: int = MAX_FOLDS) -> tuple[float, float]:
+    """(test accuracy, chosen λ) of the probe fitted on exactly these shots: k of every class,
+    class-major, as `select_shots` orders them (the held-out folds take each class's f-th
+    shot). An evaluator that embeds only the shots it needs calls this directly."""
+    shot_labels = _check_labels(shot_labels, len(np.asarray(shot_features)), "shot_labels")
+    classes = np.unique(shot_labels)
+    test_labels = _check_classes(classes, test_labels, len(np.asarray(test_features)))
+    if len(shot_labels) != len(classes) * int(k) or not (
+            shot_labels.reshape(len(classes), int(k)) == classes[:, None]).all():
+        raise ValueError(f"shot_labels: expected {int(k)} shots of every class, class by class "
+                         f"(select_shots' order), got {len(shot_labels)} labels")
+    x, t = prepare(shot_features, test_features, centre)
+    codes = np.searchsorted(classes, shot_labels)
+    shot_rank = np.tile(np.arange(int(k)), len(classes))
     reg = choose_reg(x, codes, shot_rank, len(classes), regs, max_folds)
     w, b = ridge_fit(x, _targets(codes, len(classes)), [reg])
     accuracy = _accuracies(t, w, b, np.searchsorted(classes, test_labels))[0]

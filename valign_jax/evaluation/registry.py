@@ -49,6 +49,7 @@ class EvalContext:
     image_size: int
     encoder: Any                      # batched.FeatureEncoder
     eval_cache_dir: Any = None        # cached eval features (runs that train from a cache)
+    inputs: Any = None                # inputs.ModelInputs: images and texts -> model inputs
 
 
 _TYPES: dict[str, EvaluatorType] = {}
@@ -84,9 +85,17 @@ class Evaluators:
                 if not getattr(e, "every", None) or step % e.every == 0]
 
     def __call__(self, params, step: int | None = None, final: bool = False) -> dict:
-        metrics = {}
+        metrics, source = {}, {}
         for evaluator in self.due(step, final):
-            metrics.update(evaluator(params))
+            name = getattr(evaluator, "entry_name", None)
+            for metric, value in evaluator(params).items():
+                if metric in metrics:  # one would silently overwrite the other
+                    raise ValueError(
+                        f"two evaluations report {metric!r}"
+                        + (f" (config.evals.{source[metric]} and config.evals.{name})"
+                           if name and source[metric] else "")
+                        + ": give one of them other data, or drop one")
+                metrics[metric], source[metric] = value, name
         return metrics
 
 

@@ -60,6 +60,26 @@ def reranked_recall(queries, gallery, query_codes, gallery_codes,
     return {f"r{m}": float(np.mean(first < m) if m <= k else np.mean(dual < m)) for m in ks}
 
 
+def fusion_score(encoder, params, image_features, image_tokens, text_features, text_tokens,
+                 text_mask, rerank_score: str = "itm+contrastive"):
+    """score(i, t) of a fusion model over image i and text t of these arrays (one row each):
+    the match head's logit, plus exp(logit_scale) * cosine with "itm+contrastive". Re-ranking
+    and the compositional evaluator both score pairs with it."""
+    if rerank_score not in RERANK_SCORES:
+        raise ValueError(f"config.eval.rerank_score={rerank_score!r}: expected one of "
+                         f"{RERANK_SCORES}")
+    # The dual encoder's logit of a pair; 0 when the head re-scores alone.
+    weight = (float(np.exp(jax.device_get(params["logit_scale"])))
+              if rerank_score == "itm+contrastive" else 0.0)
+    unit_img = l2_normalize(image_features, "image features")
+    unit_txt = l2_normalize(text_features, "text features")
+
+    def score(i, t):
+        return (encoder.match(params, image_tokens[i], text_tokens[t], text_mask[t])
+                + weight * np.sum(unit_img[i] * unit_txt[t], axis=1))
+    return score
+
+
 class RerankingEvaluator(RetrievalEvaluator):
     """RetrievalEvaluator for fusion models: also `retrieval_reranked/*` (top-k by the dual
     encoder re-scored by the match head, on the tokens kept from the same pass)."""
@@ -78,18 +98,11 @@ class RerankingEvaluator(RetrievalEvaluator):
         txt, text_tokens = self.encoder.text_tokens(params, self.tokens)
         mask = self.tokens["attention_mask"]
         metrics = self.metrics(img, txt)
-        # The dual encoder's logit of a pair; 0 when the head re-scores alone.
-        weight = (float(np.exp(jax.device_get(params["logit_scale"])))
-                  if self.rerank_score == "itm+contrastive" else 0.0)
-        unit_img, unit_txt = l2_normalize(img, "image features"), l2_normalize(txt, "texts")
-
-        def i2t(q, g):
-            return (self.encoder.match(params, image_tokens[q], text_tokens[g], mask[g])
-                    + weight * np.sum(unit_img[q] * unit_txt[g], axis=1))
+        i2t = fusion_score(self.encoder, params, img, image_tokens, txt, text_tokens, mask,
+                           self.rerank_score)
 
         def t2i(q, g):
-            return (self.encoder.match(params, image_tokens[g], text_tokens[q], mask[q])
-                    + weight * np.sum(unit_img[g] * unit_txt[q], axis=1))
+            return i2t(g, q)
         for name, (queries, gallery, q_codes, g_codes, score) in {
                 "i2t": (img, txt, self.image_keys, self.text_keys, i2t),
                 "t2i": (txt, img, self.text_keys, self.image_keys, t2i)}.items():

@@ -33,7 +33,8 @@ class TowerConfig:
     dtype: str = "float32"        # compute dtype; parameters stay float32
     scan_layers: bool = False     # nn.scan over layers: one layer compiled, weights stacked
     remat: str = "none"           # layers.REMAT_POLICIES
-    attention_impl: str = "xla"   # "xla", or "cudnn" for the fused GPU kernel
+    attention_impl: str = "auto"  # "xla", "cudnn" (the fused GPU kernel), or "auto": cudnn on
+                                  # NVIDIA GPUs computing in bf16/fp16, xla elsewhere
     pooling: str = ""             # per family; "" picks the family's default
     # Parameter-efficient additions (LiLT): a Houlsby adapter of this bottleneck width before
     # every LayerNorm of every layer (0: none), initialised N(0, 0.02) or as the identity; and
@@ -45,8 +46,9 @@ class TowerConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
-        if self.attention_impl not in ("xla", "cudnn"):
-            raise ValueError(f"attention_impl={self.attention_impl!r}; expected 'xla' or 'cudnn'")
+        if self.attention_impl not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected 'auto', 'xla' "
+                             f"or 'cudnn'")
         if self.adapter_init not in ("normal", "identity"):
             raise ValueError(f"adapter_init={self.adapter_init!r}; expected 'normal' or 'identity'")
         allowed = self.POOLINGS

@@ -96,7 +96,7 @@ class PackedMultiheadAttention(nn.Module):
 
     num_heads: int
     dtype: object = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, query, keys, mask=None):

@@ -33,9 +33,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
+from valign_jax import losses, sharding
+
 NEEDS = ("teacher", "second_caption", "model", "labels")
+# `config.objective.chunked`: an option of every objective with a ring form (softmax, sigmoid).
+RING_OPTIONS = {"chunked": False}
 LossFn = Callable  # (out: dict, batch: dict, rng: jax.Array) -> (loss, metrics)
 
 
@@ -124,3 +129,14 @@ def build(objective_cfg, mesh=None) -> Objective:
 def unit(x):
     """Rows scaled to unit L2 norm."""
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def batch_metrics(img, txt, scale, bias=None, mesh=None) -> dict:
+    """The in-batch retrieval metrics of the training log (unit features in): dense, or around
+    the ring of the mesh's batch devices (a ring loss's run would otherwise hold the B×B logits
+    for its metrics alone)."""
+    if mesh is None:
+        return losses.contrastive_metrics(img, txt, scale, bias)
+    img, txt = jax.lax.stop_gradient(img), jax.lax.stop_gradient(txt)
+    return losses.chunked_contrastive_metrics(img, txt, scale, bias, mesh=mesh,
+                                              axis_name=sharding.BATCH_AXES)

@@ -3,8 +3,8 @@
 L_ij = exp(t')·x̂_i·ŷ_j + b, and −log σ(±L_ij) summed over every pair of the global batch, the
 pairs positive, everything else negative; divided by B (SigLIP, norm="batch") or B² (SAIL,
 norm="pairs"). With `multi_positive` each image's second caption (SAIL's long caption) is a
-second positive: ½ (ℓ(x, y) + ℓ(x, ỹ)). With `chunked` and a device mesh the loss is computed
-around a ring of devices, so no device holds the B×B logits.
+second positive: ½ (ℓ(x, y) + ℓ(x, ỹ)). With `chunked` and a device mesh the loss and its
+metrics are computed around a ring of devices, so no device holds the B×B logits.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from valign_jax import losses, sharding
-from valign_jax.objectives.base import Objective, ObjectiveKind, register, unit
+from valign_jax.objectives.base import (RING_OPTIONS, Objective, ObjectiveKind, batch_metrics,
+                                        register, unit)
 
 NORMS = ("batch", "pairs")
 
 
 def sigmoid_objective(norm: str = "batch", multi_positive: bool = False,
                       mesh=None) -> Objective:
-    """Given a mesh, the ring-chunked form (losses.chunked_sigmoid)."""
+    """Given a mesh, the ring form (losses.chunked_sigmoid)."""
     if norm not in NORMS:
         raise ValueError(f"config.objective.norm={norm!r}; expected one of {NORMS}")
 
@@ -37,7 +38,7 @@ def sigmoid_objective(norm: str = "batch", multi_positive: bool = False,
             value = losses.chunked_sigmoid(img, txt, scale, bias, mesh=mesh,
                                            axis_name=sharding.BATCH_AXES, norm=norm,
                                            txt_extra=extra)
-        return value, losses.contrastive_metrics(img, txt, scale, bias)
+        return value, batch_metrics(img, txt, scale, bias, mesh)
     return Objective(loss, {"second_caption"} if multi_positive else frozenset())
 
 
@@ -57,4 +58,4 @@ def _check(config) -> list[str]:
 register(ObjectiveKind(
     name="sigmoid", build=_build, check=_check,
     help="SigLIP's pairwise sigmoid loss (SAIL: norm='pairs', multi_positive=True)",
-    options={"norm": "batch", "multi_positive": False, "chunked": False}))
+    options={"norm": "batch", "multi_positive": False, **RING_OPTIONS}))
