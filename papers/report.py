@@ -182,8 +182,8 @@ def markdown(results: dict) -> str:
     if "sail" in results:
         parts.append("## SAIL, Table 1: alignment layers on frozen towers\n\nOurs: zero-shot "
                      "and retrieval end to end, the towers put back under the layers trained "
-                     "from cached features (a cached run evaluates no zero-shot); the first "
-                     "head's time includes building the cache the three share.\n\n"
+                     "from cached features; the first head's time includes building the cache "
+                     "the three share.\n\n"
                      + sail_table(results["sail"]) + "\n\n" + sail_claims(results["sail"]))
     timing = results["timing"]
     reused = "" if results.get("towers_trained") else (

@@ -123,7 +123,8 @@ def test_the_table_has_the_rows_and_the_ln_shift(papers):
 
 def test_sail_heads_train_on_cached_features_of_the_pretrained_towers(papers):
     """Each alignment layer trains from the one shared cache, which the exported towers
-    computed; its run holds the alignment layers and the logit scale and bias, no tower."""
+    computed; its run holds the alignment layers and the logit scale and bias, no tower; put
+    back on the exported towers, it classifies as it did from the cached features."""
     workdir, results = papers
     assert [h["head"] for h in results["sail"]] == list(HEADS)
     cache = workdir / "sail" / "feature_cache"
@@ -138,7 +139,10 @@ def test_sail_heads_train_on_cached_features_of_the_pretrained_towers(papers):
         assert config.data.feature_cache == str(cache)
         assert set(params) <= {"visual_projection", "text_projection", "logit_scale",
                                "logit_bias"}, sorted(params)
-        assert 0 <= h["end_to_end"]["zeroshot/synthetic/top1"] <= 1
+        # the towers put back classify as their cached features did (one image of the 512
+        # may flip on float rounding)
+        zeroshot = "zeroshot/synthetic/top1"
+        assert h["end_to_end"][zeroshot] == pytest.approx(h["cached"][zeroshot], abs=1 / 512)
         trainable[h["head"]] = h["trainable"]
     assert trainable["glu"] > trainable["linear"] > 0
     table = (workdir / "papers.md").read_text()

@@ -171,3 +171,11 @@ def test_a_mask_token_beyond_the_vocabulary_is_named():
     objective = masked_lm.masked_lm_objective(mask_token_id=10_000)
     with pytest.raises(ValueError, match=r"mask_token_id=10000 .*\(size 512\)"):
         objective(model_outputs(model, params, batch, objective), batch, jax.random.PRNGKey(0))
+
+
+def test_the_objective_evaluator_is_refused_on_a_run_from_cached_features():
+    c = recipes.load_config(f"{REPO}/configs/sail.py:demo")
+    assert c.data.feature_cache
+    c.evals.heldout = recipes.eval_entry("objective")
+    problems = find_problems(c)
+    assert any("config.evals.heldout" in p and "feature_cache" in p for p in problems), problems

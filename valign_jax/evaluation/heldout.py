@@ -81,6 +81,10 @@ def _check(config, entry, key) -> list[str]:
             problems.append(f"{key}: config.objective.kind={config.objective.kind!r} needs a "
                             f"teacher (the run's initial model), which the objective evaluator "
                             f"does not hold; remove {key}")
+    if config.data.get("feature_cache"):
+        problems.append(f"{key}: the objective evaluator runs the model on held-out records, but "
+                        f"config.data.feature_cache={config.data.feature_cache!r} trains from "
+                        f"cached tower features (the model has no towers); remove {key}")
     if entry.data:
         from valign_jax.data.sources import spec_problem
         problem = spec_problem(entry.data, f"{key}.data")
