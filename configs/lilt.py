@@ -8,6 +8,11 @@ frozen 0.00, ln_only 0.04, projection 0.20, lilt_ln 0.24, lilt_bitfit 0.31, lilt
 lilt_da 6.99, lilt_lwa_noln 6.97, lilt_lwa 7.01, lilt_lwa_bitfit 7.09, lilt_da_bitfit 7.06,
 lit 56.01, lit_lwa 57.57, clip 100. Table 3: lilt_da 14.65M, lilt_lwa 14.67M, lit 109.28M,
 clip 195.13M trainable. Projections are bias-free Linear(768 -> 256): Table 3's counts need it.
+
+Modifiers: `demo` (random tiny towers, embedded data, offline); `demo,pretrained` starts from
+the tiny towers configs/pretrain.py pretrains (a shapes classifier and a caption masked-language
+model, exported by `python -m papers.run pretrain`), as the paper starts from DeiT and SimCSE:
+`python -m papers.run lilt` runs every row so and tabulates them beside Table 1.
 """
 
 from valign_jax import recipes
@@ -35,7 +40,8 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    variant, modifiers = recipes.parse_arg(arg, VARIANTS, "lilt_lwa", "configs/lilt.py")
+    variant, modifiers = recipes.parse_arg(arg, VARIANTS, "lilt_lwa", "configs/lilt.py",
+                                          modifiers=("demo", "pretrained"))
     recipe, adapters, deep = VARIANTS[variant]
     c = recipes.base_config()
     c.variant = variant
@@ -60,4 +66,13 @@ def get_config(arg=None):
                            text_pooling="cls", text_adapter_dim=adapters[1] and 16,
                            text_deep_layers=deep[1])
         recipes.demo(c, steps=1000, lr=3e-3)
+    if "pretrained" in modifiers:
+        if "demo" not in modifiers:
+            raise ValueError("configs/lilt.py: `pretrained` replaces the demo's random tiny "
+                             "towers with pretrained ones; use it with `demo` (e.g. "
+                             "lilt_lwa,demo,pretrained)")
+        recipes.pretrained_demo_towers(c)
+        # Half the random towers' steps, the same rate: the sixteen rows of `python -m
+        # papers.run lilt` take about 20 minutes on 2 CPU cores.
+        recipes.demo(c, steps=500, lr=3e-3)
     return c

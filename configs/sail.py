@@ -10,6 +10,11 @@ long captions: point config.data.train at a pairs.jsonl whose rows carry `long_c
 Optimiser: Lion β=(0.9, 0.99), lr 1e-5, weight decay 1e-4 (official code; the paper's text says
 1e-7), 10% warm-up then cosine to 0, batch 32,768 (the towers are frozen, so only the
 alignment layers hold optimizer state).
+
+Modifiers: `demo` (random tiny towers, embedded data, offline); `demo,pretrained` aligns the
+tiny towers configs/pretrain.py pretrains (`python -m papers.run pretrain`). The alignment
+layers are config.model.image_head / text_head (glu, mlp or linear): `python -m papers.run sail`
+compares the three on the same cached features, as the paper's Table 1 does.
 """
 
 import math
@@ -20,7 +25,8 @@ VARIANTS = ("dinov2_l_gte_l",)
 
 
 def get_config(arg=None):
-    variant, modifiers = recipes.parse_arg(arg, VARIANTS, "dinov2_l_gte_l", "configs/sail.py")
+    variant, modifiers = recipes.parse_arg(arg, VARIANTS, "dinov2_l_gte_l", "configs/sail.py",
+                                          modifiers=("demo", "pretrained"))
     c = recipes.base_config()
     c.variant = variant
     c.model.image = recipes.tower("dinov2_l14", "facebook/dinov2-large", pooling="cls_mean",
@@ -51,4 +57,9 @@ def get_config(arg=None):
         # At B = 64 the equilibrium is -4.1; starting at -10, Lion moves b by only lr per
         # step, so the features collapse to raise every logit instead. Start at equilibrium.
         c.model.logit_bias_init = -math.log(c.batch_size - 1)
+    if "pretrained" in modifiers:
+        if "demo" not in modifiers:
+            raise ValueError("configs/sail.py: `pretrained` replaces the demo's random tiny "
+                             "towers with pretrained ones; use it with `demo` (demo,pretrained)")
+        recipes.pretrained_demo_towers(c)
     return c

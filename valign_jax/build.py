@@ -63,15 +63,18 @@ def _scratch_token_ids(config):
 
 
 def pretrained_towers(model_cfg) -> dict:
-    """{"vision_model": params, "text_model": params} for the towers that name a checkpoint."""
+    """{"vision_model": params, "text_model": params} for the towers that name a checkpoint.
+    A checkpoint holds no LiLT adapters or deep-adapter layers: the tower is read as saved, and
+    the model's fresh adapters keep their init when these weights are laid over it."""
     out = {}
     for side, name in (("image", "vision_model"), ("text", "text_model")):
         tower_cfg = model_cfg[side]
         if tower_cfg.checkpoint:
             directory = hf.resolve(tower_cfg.checkpoint)
             part = _part(hf.read_config(directory), side)
-            _, out[name] = hf.load_tower(directory, part,
-                                         **_overrides(tower_cfg, model_cfg, side))
+            overrides = {**_overrides(tower_cfg, model_cfg, side), "adapter_dim": 0,
+                         "deep_layers": 0}
+            _, out[name] = hf.load_tower(directory, part, **overrides)
     return out
 
 

@@ -18,6 +18,7 @@ modifiers (`demo`: tiny towers on the embedded synthetic data, offline).
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import ml_collections
@@ -80,6 +81,36 @@ def demo_towers(c: ml_collections.ConfigDict, image: str = "clip_tiny_vision",
     c.model.image = tower(image, **{"image_size": 32, **image_fields})
     c.model.text = tower(text, **{"max_length": 16, **text_fields})
     c.model.projection_dim = projection_dim
+    return c
+
+
+PRETRAINED_TOWERS_ENV = "VALIGN_JAX_PRETRAINED_TOWERS"
+
+
+def pretrained_towers_dir() -> Path:
+    """Where the miniature's pretrained tiny towers live (`image/` and `text/`, Hugging Face
+    directories): $VALIGN_JAX_PRETRAINED_TOWERS, else ~/.cache/valign_jax/pretrained_towers.
+    `python -m papers.run pretrain` trains them there (configs/pretrain.py)."""
+    return Path(os.environ.get(PRETRAINED_TOWERS_ENV)
+                or Path.home() / ".cache" / "valign_jax" / "pretrained_towers").expanduser()
+
+
+def pretrained_demo_towers(c: ml_collections.ConfigDict, directory=None):
+    """The `pretrained` modifier: both towers load the pretrained tiny towers (their
+    architecture from each directory's config.json; the recipe keeps its pooling, adapters and
+    fresh heads; the text tower's tokenizer is the one saved with it). FileNotFoundError naming
+    the command that makes them when they are not there."""
+    root = Path(directory or pretrained_towers_dir())
+    for side in ("image", "text"):
+        path = root / side
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the `pretrained` modifier starts from the tiny towers that `python -m "
+                f"papers.run pretrain` trains on the embedded data (a few minutes on a CPU), "
+                f"but {path} holds none. Run that first (it writes to {root}; "
+                f"${PRETRAINED_TOWERS_ENV} or --towers=DIR choose another place), or drop "
+                f"`pretrained` to align random towers.")
+        c.model[side].checkpoint = str(path)
     return c
 
 

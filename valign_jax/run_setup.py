@@ -76,9 +76,11 @@ def initial_params(config, model, param_sh):
     return sharding.put(merged, param_sh)
 
 
-def input_setup(config, model, second_caption: bool = False, workdir=None, train_source=None):
+def input_setup(config, model, second_caption: bool = False, workdir=None, train_source=None,
+                labels: bool = False):
     """(image size, Collate): how records become model inputs, for training and evaluation.
-    second_caption: batches also carry each image's second caption (an objective needs it).
+    second_caption: batches also carry each image's second caption (an objective needs it);
+    labels: each record's class label (an objective that classifies needs it).
     workdir / train_source: where a learned vocabulary is kept, and the captions it is learned
     from when it is not there yet (tokenizer_for)."""
     from valign_jax.data import pipeline
@@ -86,7 +88,8 @@ def input_setup(config, model, second_caption: bool = False, workdir=None, train
     tokenizer = tokenizer_for(config, workdir, train_source)
     mean, std = pipeline.normalization(config.model.image, config.data)
     return image_size(config, model), pipeline.Collate(tokenizer, mean, std,
-                                                      multi_positive=second_caption)
+                                                      multi_positive=second_caption,
+                                                      labels=labels)
 
 
 def image_size(config, model) -> int:

@@ -146,7 +146,8 @@ def _start(config, workdir) -> _Run:
     else:
         train_source = pipeline.make_source(config.data.train, "train", config.data,
                                             image_size(config, model), "config.data.train")
-        size, collate = input_setup(config, model, second_caption, workdir, train_source)
+        size, collate = input_setup(config, model, second_caption, workdir, train_source,
+                                    labels="labels" in objective.needs)
         report_unknown_tokens(collate, train_source)
         train_data = pipeline.train_dataset(train_source, _training_collate(config, collate),
                                             config.batch_size,

@@ -88,10 +88,10 @@ def model_outputs(model, params, batch, objective, teacher_params=None) -> dict:
     out = _own_outputs(model, params, batch, needs)
     if "teacher" in needs:
         out["teacher"] = _teacher_outputs(model, teacher_params, batch)
-    if "model" in needs:
+    if "model" in needs:  # a method's name, or a function (module, *args) run as one
         variables = {"params": params}
-        out["apply"] = lambda method, *args: model.apply(variables, *args,
-                                                         method=getattr(model, method))
+        out["apply"] = lambda method, *args: model.apply(
+            variables, *args, method=method if callable(method) else getattr(model, method))
     return out
 
 

@@ -6,7 +6,8 @@ decodes), `caption`, optionally `captions` (several: one is sampled per image pe
 config strings that name sources. Batches hold `pixel_values` (float32 NHWC, normalised; or
 uint8 with Collate(normalize_on_host=False), for pixels.normalize_on_device in the step),
 `input_ids` and `attention_mask` (int32, fixed length), `long_input_ids` / `long_attention_mask`
-for multi-positive recipes, and `skipped` (below).
+for multi-positive recipes, `labels` (int32, each record's `label`) for objectives that classify,
+and `skipped` (below).
 
 The training stream, per process:
 
@@ -107,7 +108,8 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 @dataclasses.dataclass
 class Collate:
     """A list of records -> one batch of arrays. A record without `long_caption` uses its
-    caption as the long one.
+    caption as the long one. labels=True: the batch also holds each record's integer `label`
+    (a record without one is an error naming it).
 
     normalize_on_host=False leaves `pixel_values` uint8 (4x fewer bytes to the device, no float
     work on the host): the jitted step must then normalise them, with
@@ -117,6 +119,7 @@ class Collate:
     std: Sequence[float]
     multi_positive: bool = False
     normalize_on_host: bool = True
+    labels: bool = False
 
     def __call__(self, records) -> dict[str, np.ndarray]:
         if isinstance(records, dict):  # grain's batch() stacks dicts of arrays/strings
@@ -128,7 +131,22 @@ class Collate:
         if self.multi_positive:
             long = self.tokenizer([str(r.get("long_caption") or r["caption"]) for r in records])
             batch.update({f"long_{k}": v for k, v in long.items()})
+        if self.labels:
+            batch["labels"] = record_labels(records)
         return batch
+
+
+def record_labels(records) -> np.ndarray:
+    """int32 labels of `records`; a record without an integer `label` >= 0 is named."""
+    labels = [r.get("label") for r in records]
+    for record, label in zip(records, labels):
+        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) \
+                or label < 0:
+            shown = record.get("caption", "")
+            raise ValueError(f"the objective needs a class label per example, but a record "
+                             f"(caption {shown!r}) has label {label!r}: train it on data whose "
+                             f"records carry an integer `label` >= 0 (synthetic:shapes does)")
+    return np.asarray(labels, np.int32)
 
 
 # ---------------------------------------------------------------------------------------------

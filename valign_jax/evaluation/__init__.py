@@ -14,11 +14,12 @@ They return plain dicts whose keys carry no group prefix; evaluators write them 
 `retrieval/<key>`, `zeroshot/<dataset>/<key>`, `geometry/<key>`, `compositional/<dataset>/<key>`,
 `fewshot/<dataset>/<k>shot` (docs/metrics.md).
 
-Evaluators (`registry`, `evaluator`, `build`, `compositional_evaluator`, `fewshot_evaluator`):
-model-running classes built per `config.evals` entry from registered types, each with its own
-schedule; `inputs` says what they hand the model (pixels and tokens, or a towerless model's
-tower features). Importing this package registers the built-in types.
+Evaluators (`registry`, `evaluator`, `build`, `compositional_evaluator`, `fewshot_evaluator`,
+`heldout`): model-running classes built per `config.evals` entry from registered types, each
+with its own schedule; `inputs` says what they hand the model (pixels and tokens, or a
+towerless model's tower features). Importing this package registers the built-in types.
 """
 
 # registers the built-in evaluator types
-from valign_jax.evaluation import build, compositional_evaluator, fewshot_evaluator  # noqa: F401
+from valign_jax.evaluation import (build, compositional_evaluator, fewshot_evaluator,  # noqa: F401
+                                   heldout)

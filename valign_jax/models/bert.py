@@ -163,4 +163,8 @@ FAMILY = register(TowerFamily(
         "bert_tiny": lambda: BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                         intermediate_size=128, vocab_size=512,
                                         max_position_embeddings=64, add_pooling_layer=False),
+        "bert_tiny_l4": lambda: BertConfig(hidden_size=64, num_hidden_layers=4,
+                                           num_attention_heads=4, intermediate_size=128,
+                                           vocab_size=512, max_position_embeddings=64,
+                                           add_pooling_layer=False),
     }))

@@ -255,6 +255,10 @@ VIT = register(TowerFamily(
         "vit_tiny": lambda: ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=128, image_size=32, patch_size=8,
                                       add_pooling_layer=False),
+        # four layers: a per-layer series for the LN-shift analysis (configs/pretrain.py)
+        "vit_tiny_l4": lambda: ViTConfig(hidden_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, intermediate_size=128,
+                                         image_size=32, patch_size=8, add_pooling_layer=False),
     }))
 
 # DINOv2 (facebook/dinov2-*): 518 px, patch 14, mlp_ratio 4, LayerScale; giant uses SwiGLU

@@ -10,12 +10,16 @@ calling `register(ObjectiveKind(...))`: docs/architecture.md.
 
 from valign_jax.objectives.base import (NEEDS, Auxiliary, Objective, ObjectiveKind, auxiliaries,
                                         build, kinds, register, register_auxiliary, unit)
-from valign_jax.objectives import clip_refine, contrastive, itm, sigmoid  # noqa: F401  (register)
+from valign_jax.objectives import (classification, clip_refine, contrastive, itm,  # noqa: F401
+                                   masked_lm, sigmoid)  # (register)
+from valign_jax.objectives.classification import classification_objective
 from valign_jax.objectives.clip_refine import clip_refine_objective
 from valign_jax.objectives.contrastive import contrastive_objective
 from valign_jax.objectives.itm import itm_objective
+from valign_jax.objectives.masked_lm import masked_lm_objective
 from valign_jax.objectives.sigmoid import sigmoid_objective
 
 __all__ = ["NEEDS", "Auxiliary", "Objective", "ObjectiveKind", "auxiliaries", "build", "kinds",
-           "register", "register_auxiliary", "unit", "clip_refine_objective",
-           "contrastive_objective", "itm_objective", "sigmoid_objective"]
+           "register", "register_auxiliary", "unit", "classification_objective",
+           "clip_refine_objective", "contrastive_objective", "itm_objective",
+           "masked_lm_objective", "sigmoid_objective"]

@@ -13,7 +13,11 @@ the objective declares in `needs`, which the train step then provides:
     "second_caption"  out["text_long"]: projected features of each image's second caption (the
                       pipeline then emits one: a record's long caption, else its caption)
     "model"           out["apply"](method, *args): any DualEncoder method under the parameters
-                      being trained, differentiable (e.g. the fusion head scoring other pairs)
+                      being trained, differentiable (e.g. the fusion head scoring other pairs);
+                      `method` a method's name, or a function (module, *args) run as a method
+                      (it may read any submodule or parameter: masked_lm's tied decoder)
+    "labels"          batch["labels"]: each example's integer class (the pipeline then emits
+                      one: a record's `label`)
 
 An objective without "model" sees only the model's outputs: such objectives are the ones a
 step can compute from features cached per chunk (gradient caching).
@@ -34,7 +38,7 @@ import jax.numpy as jnp
 
 from valign_jax import losses, sharding
 
-NEEDS = ("teacher", "second_caption", "model")
+NEEDS = ("teacher", "second_caption", "model", "labels")
 # `config.objective.chunked`: an option of every objective with a ring form (softmax, sigmoid).
 RING_OPTIONS = {"chunked": False}
 LossFn = Callable  # (out: dict, batch: dict, rng: jax.Array) -> (loss, metrics)
