@@ -122,7 +122,9 @@ def flip_a_bit(workdir, step):
     open(file, "wb").write(data)
     plain = ocp.PyTreeCheckpointer().restore(step_dir(workdir, step) / "state")
     changed = np.asarray(plain["params"]["w"]) != np.asarray(state_at(step)["params"]["w"])
-    assert 1 <= changed.sum() < 10, "the flipped bit changes a value and nothing complains"
+    # How many values one bit reaches depends on where it lands in the compressed stream
+    # (which file orbax wrote the array to varies): at least one, silently.
+    assert changed.any(), "the flipped bit changes a value and nothing complains"
     return "has changed since it was written (SHA-256 differs)"
 
 
