@@ -82,6 +82,7 @@ def test_clip_refine_closes_the_gap_and_keeps_zero_shot(tmp_path):
 
 
 
+@pytest.mark.slow  # ~4 min on two idle cores: outside CI's budget (README, Tests)
 def test_fusion_reranking_beats_the_dual_encoder_on_held_out_bindings(tmp_path):
     """Issue 8's acceptance: on held-out scenes next to their swapped-colour twins, re-ranking
     the dual encoder's top 10 with the match head lifts text->image R@1 above the plain
