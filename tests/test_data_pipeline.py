@@ -37,42 +37,41 @@ class IndexTokenizer:
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """pairs.jsonl of N rows; the rows in BROKEN are broken in the way named there."""
-    root = tmp_path_factory.mktemp("pairs")
-    rows = []
-    for i in range(N):
-        rng = np.random.default_rng(i)
+    def image(path, rng):
         size = tuple(rng.integers(12, 40, 2))
-        (root / f"{i}.png").write_bytes(png(rng.integers(0, 256, (*size, 3), dtype=np.uint8)))
-        kind = BROKEN.get(i)
-        if kind == "missing":
-            (root / f"{i}.png").unlink()
-        elif kind == "text":
-            (root / f"{i}.png").write_text("not an image")
-        caption = "" if kind == "caption" else [f"row {i}", f"image {i}"]
-        rows.append({"image": f"{i}.png", "caption": caption})
-    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return root / "pairs.jsonl"
+        path.with_suffix(".png").write_bytes(png(rng.integers(0, 256, (*size, 3),
+                                                             dtype=np.uint8)))
+        return path.with_suffix(".png")
+    return write_pairs(tmp_path_factory.mktemp("pairs"), image)
 
 
 @pytest.fixture(scope="module")
 def jpeg_pairs(tmp_path_factory):
     """Like `pairs`, with JPEGs of 60-200 px: large enough for the 16-px transforms to decode
     them at 1/2, 1/4 or 1/8 scale."""
-    root = tmp_path_factory.mktemp("jpeg_pairs")
-    rows = []
-    for i in range(N):
-        rng = np.random.default_rng(i)
+    def image(path, rng):
         size = tuple(rng.integers(60, 200, 2))
         smooth = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(
             size[::-1], Image.BILINEAR)
-        smooth.save(root / f"{i}.jpg", quality=90)
+        smooth.save(path.with_suffix(".jpg"), quality=90)
+        return path.with_suffix(".jpg")
+    return write_pairs(tmp_path_factory.mktemp("jpeg_pairs"), image)
+
+
+def write_pairs(root, write_image):
+    """N rows in root/pairs.jsonl, image i written by write_image(root / str(i), rng_i) (it
+    returns the file's path); the rows in BROKEN get a missing file, a text file or an empty
+    caption."""
+    rows = []
+    for i in range(N):
+        file = write_image(root / str(i), np.random.default_rng(i))
         kind = BROKEN.get(i)
         if kind == "missing":
-            (root / f"{i}.jpg").unlink()
+            file.unlink()
         elif kind == "text":
-            (root / f"{i}.jpg").write_text("not an image")
+            file.write_text("not an image")
         caption = "" if kind == "caption" else [f"row {i}", f"image {i}"]
-        rows.append({"image": f"{i}.jpg", "caption": caption})
+        rows.append({"image": file.name, "caption": caption})
     (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return root / "pairs.jsonl"
 
